@@ -1,0 +1,1 @@
+"""Loopback Hub fixtures (filled by the runtime-cache work)."""

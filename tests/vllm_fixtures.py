@@ -1,0 +1,1 @@
+"""Real-vLLM fixtures (filled by the runtime-serve work)."""
