@@ -1,0 +1,477 @@
+"""Pure builders: one function per child object of a VLLMModel.
+
+No I/O here. The live operator and ``vllm-operator render`` call the same functions, so what
+``render`` prints is what the operator creates (the operator adds ownerReferences with
+``kopf.adopt``; ``render`` adds them only when the input carries a uid).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+from vllm_runtime import layout, vllm_args
+
+from . import crd
+from .config import Config
+from .model import VLLMModel
+
+# Ports inside model pods and cache Jobs (the contract with vllm-runtime).
+HTTP_PORT = 8000
+RUNTIME_METRICS_PORT = 9090
+
+SERVER_CONTAINER = "vllm"
+CACHE_CONTAINER = "cache"
+
+COMPONENT_SERVER = "server"
+COMPONENT_CACHE = "cache"
+
+ANNOTATION_PREFIX = "vllm-operator.io/"
+ANNOTATION_MODEL = ANNOTATION_PREFIX + "model"
+ANNOTATION_REVISION = ANNOTATION_PREFIX + "revision"
+ANNOTATION_COMMIT = ANNOTATION_PREFIX + "commit"
+LABEL_MODEL = ANNOTATION_PREFIX + "model"
+
+# Paths inside containers.
+SHM_PATH = "/dev/shm"
+TMP_PATH = "/tmp"
+
+_GIB = 1024**3
+
+
+# --- names and labels --------------------------------------------------------------------------------
+
+
+def labels_for(model: VLLMModel, component: str) -> dict[str, str]:
+    """The labels on every child (``component`` is ``cache`` or ``server``)."""
+    return {
+        "app.kubernetes.io/name": "vllm-model",
+        "app.kubernetes.io/instance": model.name,
+        "app.kubernetes.io/managed-by": "vllm-operator",
+        "app.kubernetes.io/component": component,
+        LABEL_MODEL: model.name,
+    }
+
+
+def selector_for(model: VLLMModel) -> dict[str, str]:
+    """The model pods' selector (Deployment, Service, and ``status.selector`` for the scale subresource)."""
+    return {
+        "app.kubernetes.io/name": "vllm-model",
+        "app.kubernetes.io/instance": model.name,
+        "app.kubernetes.io/component": COMPONENT_SERVER,
+    }
+
+
+def selector_string(model: VLLMModel) -> str:
+    """``selector_for`` as a label selector string (``status.selector``)."""
+    return ",".join(f"{k}={v}" for k, v in selector_for(model).items())
+
+
+def cache_pvc_name(model: VLLMModel) -> str:
+    return f"{model.name}-cache"
+
+
+def cache_job_name(model: VLLMModel, revision: str | None = None) -> str:
+    """``<name>-cache-<8 hex of sha256("<model>@<revision>")>`` for ``revision`` (default: the spec's).
+
+    A new revision gets a new Job (Jobs are immutable), the same one reuses it. The CRD limits
+    names to 48 characters so this stays a valid 63-character label value (Kubernetes puts the
+    Job's name into its pods' ``job-name`` label).
+    """
+    rev = revision if revision is not None else model.revision
+    digest = hashlib.sha256(f"{model.spec['model']}@{rev}".encode()).hexdigest()[:8]
+    return f"{model.name[:48]}-cache-{digest}"
+
+
+def deployment_name(model: VLLMModel) -> str:
+    return model.name
+
+
+def service_name(model: VLLMModel) -> str:
+    return model.name
+
+
+def endpoint_for(model: VLLMModel) -> str:
+    """The in-cluster OpenAI-compatible base URL (``status.endpoint``)."""
+    return f"http://{service_name(model)}.{model.namespace}.svc:{HTTP_PORT}/v1"
+
+
+def owner_reference_for(model: VLLMModel) -> dict[str, Any]:
+    """The ownerReference ``kopf.adopt`` would add (``render`` uses it when the input has a uid)."""
+    if not model.uid:
+        raise ValueError(f"VLLMModel {model.namespace}/{model.name} has no metadata.uid")
+    return {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "name": model.name,
+        "uid": model.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+# --- cache PVC ---------------------------------------------------------------------------------------
+
+
+def cache_size_for(model: VLLMModel, config: Config) -> str:
+    """The cache PVC's requested size.
+
+    ``spec.cache.size`` wins. Otherwise the size follows the model: the weight bytes the memory
+    planner found (``status.plan``) or a finished cache reported (``status.cache.bytes``), times
+    ``config.cache_size_headroom`` -- room for a second commit cached beside the serving one during
+    a revision change, plus vLLM's compile cache -- rounded up to whole GiB. Before either is known
+    (the first reconcile of a new model) ``config.default_cache_size`` is used. PVCs only grow, so
+    a later, better estimate can only enlarge the claim (where the storage class allows expansion).
+    """
+    explicit = model.cache.get("size")
+    if explicit:
+        return str(explicit)
+    model_bytes = known_model_bytes(model)
+    if not model_bytes:
+        return config.default_cache_size
+    gib = max(1, math.ceil(model_bytes * config.cache_size_headroom / _GIB))
+    return f"{gib}Gi"
+
+
+def known_model_bytes(model: VLLMModel) -> int | None:
+    """The model's weight bytes if the status knows them (planner estimate or a finished cache)."""
+    plan = model.status.get("plan") or {}
+    candidates = [
+        plan.get("weightBytes"),
+        plan.get("weight_bytes"),
+        (model.status.get("cache") or {}).get("bytes"),
+    ]
+    sizes = [int(c) for c in candidates if isinstance(c, int | float) and c > 0]
+    return max(sizes) if sizes else None
+
+
+def cache_pvc_for(model: VLLMModel, config: Config) -> dict[str, Any] | None:
+    """The cache PVC ``<name>-cache``; None when ``cache.existingClaim`` is set or the model is pvc://."""
+    if not model.owns_cache_pvc:
+        return None
+    spec: dict[str, Any] = {
+        "accessModes": list(model.cache.get("accessModes") or ["ReadWriteOnce"]),
+        "resources": {"requests": {"storage": cache_size_for(model, config)}},
+    }
+    storage_class = model.cache.get("storageClassName") or config.default_storage_class
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    annotations = {ANNOTATION_MODEL: str(model.spec["model"])}
+    annotations[ANNOTATION_PREFIX + "delete-policy"] = str(model.cache.get("deletePolicy", "Retain"))
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(model, cache_pvc_name(model), COMPONENT_CACHE, annotations),
+        "spec": spec,
+    }
+
+
+# --- cache Job ---------------------------------------------------------------------------------------
+
+
+def cache_job_for(model: VLLMModel, config: Config, revision: str | None = None) -> dict[str, Any]:
+    """The Job that caches and verifies ``revision`` (default: the spec's) on the cache volume.
+
+    Its pod writes a one-line JSON summary (``vllm_runtime.summary``) to its termination message,
+    which is how the outcome reaches ``status`` without giving pods API rights. Exit code 3 is a
+    permanent failure (bad token, unknown repo, no space): the Job fails at once instead of
+    retrying ``backoffLimit`` times.
+    """
+    rev = revision if revision is not None else model.revision
+    args = [
+        "cache",
+        "--model", model.model_argument,
+        "--revision", rev,
+        "--cache-dir", layout.CACHE_MOUNT_PATH,
+        "--metrics-port", str(RUNTIME_METRICS_PORT),
+        "--termination-message-path", layout.TERMINATION_MESSAGE_PATH,
+    ]  # fmt: skip
+    env = _hub_env(offline=False)
+    if config.hf_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": config.hf_endpoint})
+    token = model.hf_token_secret_ref
+    if token:
+        # Only ever a reference: the token's value never appears in the manifest.
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token["name"], "key": token["key"]}}})
+    env += _user_env(model)
+    container: dict[str, Any] = {
+        "name": CACHE_CONTAINER,
+        "image": _image(model, config),
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["vllm-runtime"],
+        "args": args,
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": RUNTIME_METRICS_PORT, "protocol": "TCP"}],
+        "resources": {
+            "requests": {"cpu": config.cache_job_cpu, "memory": config.cache_job_memory},
+            "limits": {"memory": config.cache_job_memory},
+        },
+        "volumeMounts": _volume_mounts(model, shm=False),
+        "securityContext": _container_security_context(),
+        "terminationMessagePath": layout.TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security_context(config),
+        "containers": [container],
+        "volumes": _volumes(model, config, shm=False),
+    }
+    # The cache Job runs where model pods may run: a ReadWriteOnce cache volume can only be
+    # attached to one node at a time, and model pods' node constraints are where it will be used.
+    _add_placement(pod_spec, model)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": config.cache_job_backoff_limit,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CACHE_CONTAINER, "operator": "In", "values": [3]},
+                },
+                # A node drain or preemption is not the cache's fault: retry without counting it.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {
+            "metadata": {"labels": labels_for(model, COMPONENT_CACHE), "annotations": _model_annotations(model, rev)},
+            "spec": pod_spec,
+        },
+    }
+    if config.cache_job_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = config.cache_job_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(model, cache_job_name(model, rev), COMPONENT_CACHE, _model_annotations(model, rev)),
+        "spec": job_spec,
+    }
+
+
+# --- Deployment --------------------------------------------------------------------------------------
+
+
+def deployment_for(model: VLLMModel, config: Config, commit: str) -> dict[str, Any]:
+    """The model server Deployment, serving ``commit`` (a 40-hex commit whose cache Job succeeded).
+
+    Pods serve offline from the cache (``HF_HUB_OFFLINE=1``); a new commit changes the pod
+    template, so Kubernetes rolls with maxUnavailable 0: old pods serve until new ones are ready.
+    """
+    flags = vllm_args.vllm_flags(model.spec)
+    args = [
+        "serve",
+        "--model", model.model_argument,
+        "--revision", commit,
+        "--cache-dir", layout.CACHE_MOUNT_PATH,
+        "--port", str(HTTP_PORT),
+        "--metrics-port", str(RUNTIME_METRICS_PORT),
+        "--", *flags,
+    ]  # fmt: skip
+    env = _hub_env(offline=True) + [
+        # vLLM's compile cache lives on the cache volume so restarts skip torch.compile;
+        # vllm-runtime narrows it to one directory per configuration (vllm_args.compile_cache_key).
+        {"name": "VLLM_CACHE_ROOT", "value": str(layout.CacheLayout(_cache_root()).compile_root)},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "HOME", "value": TMP_PATH},
+    ]
+    env += _user_env(model)
+    resources = _resources_with_gpus(model, config)
+    port = "metrics"
+    period = config.probe_period_seconds
+    container: dict[str, Any] = {
+        "name": SERVER_CONTAINER,
+        "image": _image(model, config),
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["vllm-runtime"],
+        "args": args,
+        "env": env,
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": RUNTIME_METRICS_PORT, "protocol": "TCP"},
+        ],
+        "volumeMounts": _volume_mounts(model, shm=True),
+        "securityContext": _container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        # /live answers as soon as vllm-runtime runs, also while vLLM loads and compiles; the
+        # startup probe's budget covers a slow first start, so loading pods are never killed.
+        "startupProbe": _probe("/live", port, period, max(1, math.ceil(config.startup_timeout_seconds / period))),
+        "livenessProbe": _probe("/live", port, period, config.liveness_failure_threshold),
+        "readinessProbe": _probe("/ready", port, period, 3),
+    }
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # model pods need no Kubernetes API rights
+        "securityContext": _pod_security_context(config),
+        "containers": [container],
+        "volumes": _volumes(model, config, shm=True),
+    }
+    if config.runtime_class_name:
+        pod_spec["runtimeClassName"] = config.runtime_class_name
+    _add_placement(pod_spec, model)
+    annotations = _model_annotations(model, model.revision)
+    annotations[ANNOTATION_COMMIT] = commit
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(model, deployment_name(model), COMPONENT_SERVER, annotations),
+        "spec": {
+            "replicas": model.replicas,
+            "selector": {"matchLabels": selector_for(model)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels_for(model, COMPONENT_SERVER), "annotations": annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+# --- Service -----------------------------------------------------------------------------------------
+
+
+def service_for(model: VLLMModel, config: Config) -> dict[str, Any]:
+    """The Service in front of the model pods: the OpenAI API and the runtime's metrics."""
+    del config  # same signature as the other builders; nothing configurable yet
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(model, service_name(model), COMPONENT_SERVER, {}),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_for(model),
+            "ports": [
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+                {"name": "metrics", "port": RUNTIME_METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def children_for(model: VLLMModel, config: Config, commit: str) -> list[dict[str, Any]]:
+    """Every child, in creation order: cache PVC (if any), cache Job, Deployment, Service."""
+    children = [cache_pvc_for(model, config), cache_job_for(model, config)]
+    children += [deployment_for(model, config, commit), service_for(model, config)]
+    return [child for child in children if child is not None]
+
+
+# --- private helpers ---------------------------------------------------------------------------------
+
+
+def _metadata(model: VLLMModel, name: str, component: str, annotations: dict[str, str]) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "namespace": model.namespace, "labels": labels_for(model, component)}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return metadata
+
+
+def _model_annotations(model: VLLMModel, revision: str) -> dict[str, str]:
+    return {ANNOTATION_MODEL: str(model.spec["model"]), ANNOTATION_REVISION: revision}
+
+
+def _image(model: VLLMModel, config: Config) -> str:
+    return str(model.spec.get("image") or config.runtime_image)
+
+
+def _cache_root() -> str:
+    return layout.CACHE_MOUNT_PATH
+
+
+def _hub_env(*, offline: bool) -> list[dict[str, Any]]:
+    env = [
+        {"name": "HF_HUB_CACHE", "value": str(layout.CacheLayout(_cache_root()).hub_cache)},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+    ]
+    if offline:
+        env.insert(0, {"name": "HF_HUB_OFFLINE", "value": "1"})
+    return env
+
+
+def _user_env(model: VLLMModel) -> list[dict[str, Any]]:
+    """``spec.env`` (the CRD refuses names the operator sets itself)."""
+    return [dict(item) for item in model.spec.get("env") or []]
+
+
+def _resources_with_gpus(model: VLLMModel, config: Config) -> dict[str, Any]:
+    """``spec.resources`` plus ``<gpu resource>: tensorParallelSize`` in limits (requests follow limits
+    for extended resources)."""
+    resources: dict[str, Any] = {k: dict(v) for k, v in (model.spec.get("resources") or {}).items()}
+    if config.gpu_resource:
+        gpus = model.tensor_parallel_size
+        resources.setdefault("limits", {})[config.gpu_resource] = gpus
+        if config.gpu_resource in resources.get("requests", {}):
+            resources["requests"][config.gpu_resource] = gpus
+    return resources
+
+
+def _probe(path: str, port: str, period: int, failure_threshold: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failure_threshold,
+    }
+
+
+def _pod_security_context(config: Config) -> dict[str, Any]:
+    """Pod Security Standards "restricted"; fsGroup makes the cache volume writable for the user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": config.run_as_user,
+        "runAsGroup": config.run_as_user,
+        "fsGroup": config.run_as_user,
+        # A cache volume holds many GiB; re-chowning it on every pod start would be slow.
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,  # writable places: /cache, /tmp, /dev/shm
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _volume_mounts(model: VLLMModel, *, shm: bool) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
+        {"name": "cache", "mountPath": layout.CACHE_MOUNT_PATH},
+        {"name": "tmp", "mountPath": TMP_PATH},
+    ]
+    if shm:
+        mounts.append({"name": "shm", "mountPath": SHM_PATH})
+    if model.source.claim:
+        # The whole claim, read-only, at /models/<claim>; --model points at the directory inside it.
+        mounts.append(
+            {"name": "model", "mountPath": f"{layout.MODELS_MOUNT_ROOT}/{model.source.claim}", "readOnly": True}
+        )
+    return mounts
+
+
+def _volumes(model: VLLMModel, config: Config, *, shm: bool) -> list[dict[str, Any]]:
+    claim = model.cache_claim_name
+    cache: dict[str, Any] = (
+        {"name": "cache", "persistentVolumeClaim": {"claimName": claim}}
+        if claim
+        else {"name": "cache", "emptyDir": {}}
+    )
+    volumes = [cache, {"name": "tmp", "emptyDir": {}}]
+    if shm:
+        # vLLM's workers exchange tensors through shared memory; the container default (64Mi) is too small.
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}})
+    if model.source.claim:
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": model.source.claim, "readOnly": True}})
+    return volumes
+
+
+def _add_placement(pod_spec: dict[str, Any], model: VLLMModel) -> None:
+    """Copy the spec's scheduling and pull settings into a pod spec."""
+    for field in ("nodeSelector", "tolerations", "affinity", "imagePullSecrets"):
+        value = model.spec.get(field)
+        if value:
+            pod_spec[field] = value

@@ -1,0 +1,107 @@
+"""A typed view of one VLLMModel object, as the builders and the reconcile loop read it."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_runtime import layout
+
+from . import crd
+
+
+@dataclass(frozen=True)
+class VLLMModel:
+    """One VLLMModel: identity, the spec with the CRD's defaults applied, and the parsed model source."""
+
+    name: str
+    namespace: str
+    uid: str | None
+    generation: int | None
+    spec: dict[str, Any]
+    source: layout.ModelSource
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any], *, default_namespace: str = "default") -> VLLMModel:
+        """Build from a VLLMModel body (a kopf body, an API object or a parsed YAML document).
+
+        Raises ValueError naming the field when ``spec.model`` is missing or malformed.
+        """
+        metadata: Mapping[str, Any] = body.get("metadata") or {}
+        name = metadata.get("name")
+        if not name:
+            raise ValueError("metadata.name is required")
+        spec = crd.apply_defaults(dict(body.get("spec") or {}))
+        if not spec.get("model"):
+            raise ValueError(f"VLLMModel {name}: spec.model is required ('org/name' or 'pvc://<claim>/<path>')")
+        generation = metadata.get("generation")
+        return cls(
+            name=str(name),
+            namespace=str(metadata.get("namespace") or default_namespace),
+            uid=metadata.get("uid"),
+            generation=int(generation) if generation is not None else None,
+            spec=spec,
+            source=layout.parse_model(str(spec["model"])),
+            status=copy.deepcopy(dict(body.get("status") or {})),
+        )
+
+    # --- spec fields that the builders and the reconcile loop read often -------------------------------
+
+    @property
+    def revision(self) -> str:
+        return str(self.spec.get("revision") or "main")
+
+    @property
+    def replicas(self) -> int:
+        return int(self.spec.get("replicas", 1))
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """GPUs per replica. ``"auto"`` means the planner's choice (``status.plan``), else 1."""
+        value = self.spec.get("tensorParallelSize", 1)
+        if value == "auto":
+            planned = (self.status.get("plan") or {}).get("tensorParallelSize") or (
+                self.status.get("plan") or {}
+            ).get("tensor_parallel_size")
+            return int(planned) if planned else 1
+        return int(value)
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        cache: dict[str, Any] = self.spec.get("cache") or {}
+        return cache
+
+    @property
+    def existing_claim(self) -> str | None:
+        claim = self.cache.get("existingClaim")
+        return str(claim) if claim else None
+
+    @property
+    def owns_cache_pvc(self) -> bool:
+        """True when the operator creates the cache PVC (``<name>-cache``)."""
+        return self.existing_claim is None and self.source.is_hub
+
+    @property
+    def cache_claim_name(self) -> str | None:
+        """The PVC that holds the cache; None for a pvc:// model without ``cache.existingClaim``
+        (its pods then keep the compile cache in an emptyDir)."""
+        if self.existing_claim:
+            return self.existing_claim
+        if self.owns_cache_pvc:
+            return f"{self.name}-cache"
+        return None
+
+    @property
+    def hf_token_secret_ref(self) -> dict[str, str] | None:
+        ref = self.spec.get("hfTokenSecretRef")
+        if not ref or not ref.get("name"):
+            return None
+        return {"name": str(ref["name"]), "key": str(ref.get("key") or "HF_TOKEN")}
+
+    @property
+    def model_argument(self) -> str:
+        """What ``vllm-runtime cache/serve --model`` receives: the repo id, or a pvc:// model's directory."""
+        return self.source.repo_id if self.source.repo_id else self.source.local_dir()
