@@ -46,6 +46,9 @@ OWNED_FLAGS: frozenset[str] = frozenset(
     }
 )
 
+# vLLM's short aliases of owned flags (``-q awq``, ``-tp 2``); refused in ``spec.extraArgs`` like the long forms.
+OWNED_SHORT_FLAGS: dict[str, str] = {"-q": "--quantization", "-tp": "--tensor-parallel-size"}
+
 # Settings that change compiled graphs; only identical values may share a compile cache.
 COMPILE_KEY_FIELDS = ("quantization", "dtype", "tensorParallelSize", "kvCacheDtype", "maxModelLen", "enforceEager")
 
@@ -56,8 +59,14 @@ def _flag_name(arg: str) -> str:
 
 
 def owned_flags_in(extra_args: Sequence[str]) -> list[str]:
-    """The flags in ``extra_args`` that the operator owns (empty when none)."""
-    return [_flag_name(a) for a in extra_args if a.startswith("--") and _flag_name(a) in OWNED_FLAGS]
+    """The flags in ``extra_args`` that the operator owns (empty when none); short aliases as their long form."""
+    owned = []
+    for arg in extra_args:
+        if arg.startswith("--") and _flag_name(arg) in OWNED_FLAGS:
+            owned.append(_flag_name(arg))
+        elif not arg.startswith("--") and arg.split("=", 1)[0] in OWNED_SHORT_FLAGS:
+            owned.append(OWNED_SHORT_FLAGS[arg.split("=", 1)[0]])
+    return owned
 
 
 def check_extra_args(extra_args: Sequence[str]) -> None:
