@@ -44,6 +44,18 @@ REASONS_PERMANENT = frozenset(
         "InvalidModel",
         "NoCompleteCache",
         "NoWeights",
+        "InvalidArgs",
+        # serve: why vLLM failed to start (vllm_runtime.failures); the spec must change
+        "OutOfMemory",
+        "NoKVCacheMemory",
+        "KVCacheTooSmall",
+        "QuantizationUnsupported",
+        "QuantizationMismatch",
+        "MissingFiles",
+        "CorruptFiles",
+        "RemoteCodeNotTrusted",
+        "UnsupportedArchitecture",
+        "VLLMFailed",
     }
 )
 REASONS_RETRYABLE = frozenset({"HubUnavailable", "RateLimited", "Stalled", "NetworkError", "CacheBusy"})

@@ -1,0 +1,335 @@
+"""Prometheus metrics of ``vllm-runtime serve``: start-up phases, GPU and process memory, cache facts.
+
+One scrape of the runtime's metrics port sees everything about a model pod: the runtime's own
+registry (this module) followed by vLLM's ``/metrics`` relayed as-is (``MetricsHTTPServer``).
+
+GPU memory comes from NVML (nvidia-ml-py). Without a GPU or the NVML library nothing fails:
+``vllm_runtime_gpu_metrics_available`` is 0 and the per-GPU series are absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psutil
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Start-up phases, in the order vLLM reaches them (``healthy`` is observed by the runtime itself).
+PHASES = ("weights_loaded", "compile_done", "kv_cache_allocated", "healthy")
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One device's memory as NVML reports it (bytes)."""
+
+    index: int
+    name: str
+    uuid: str
+    total: int
+    free: int
+    used: int
+    reserved: int  # held by the driver and firmware; 0 where NVML only has the v1 call
+
+
+class Nvml:
+    """Lazily initialised NVML; every call degrades to "no GPU information" instead of raising."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._initialised: bool | None = None  # None: not tried yet
+        self.error: str | None = None
+
+    def available(self) -> bool:
+        with self._lock:
+            if self._initialised is None:
+                try:
+                    import pynvml
+
+                    pynvml.nvmlInit()
+                    self._initialised = True
+                except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError ...
+                    self._initialised = False
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    log.info("GPU metrics unavailable (%s)", self.error)
+            return self._initialised
+
+    def devices(self) -> list[GpuMemory] | None:
+        """Memory of every visible GPU, or None when NVML is unusable."""
+        if not self.available():
+            return None
+        import pynvml
+
+        try:
+            out = []
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                out.append(
+                    GpuMemory(
+                        index=index,
+                        name=_text(pynvml.nvmlDeviceGetName(handle)),
+                        uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                        **_memory_info(pynvml, handle),
+                    )
+                )
+            return out
+        except Exception as exc:  # a GPU fell off the bus, the driver went away: report absence
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.warning("reading GPU memory through NVML failed: %s", self.error)
+            return None
+
+
+def _memory_info(pynvml: Any, handle: Any) -> dict[str, int]:
+    """Prefer NVML's v2 memory call: its ``used`` excludes driver-reserved memory, as CUDA's does."""
+    try:
+        info = pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
+        return {"total": int(info.total), "free": int(info.free), "used": int(info.used), "reserved": int(info.reserved)}
+    except Exception:
+        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return {"total": int(info.total), "free": int(info.free), "used": int(info.used), "reserved": 0}
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+_default_nvml = Nvml()
+
+
+def accelerator_type(nvml: Nvml | None = None) -> str:
+    """The accelerator serving runs on, for the compile-cache key: the first GPU's name, or ``cpu``."""
+    devices = (nvml or _default_nvml).devices()
+    if not devices:
+        return "cpu"
+    names = sorted({d.name for d in devices})
+    return "+".join(names).replace(" ", "-")
+
+
+def process_tree_rss(pid: int) -> int | None:
+    """Resident memory of a process and all its descendants (vLLM runs its engine in child processes)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue  # exited between listing and reading
+    return total
+
+
+class _MemoryCollector(Collector):
+    """Reads GPU and vLLM process memory at scrape time, so the numbers are never stale."""
+
+    def __init__(self, nvml: Nvml, vllm_pid: Callable[[], int | None]) -> None:
+        self._nvml = nvml
+        self._vllm_pid = vllm_pid
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        devices = self._nvml.devices()
+        yield GaugeMetricFamily(
+            "vllm_runtime_gpu_metrics_available",
+            "1 when GPU memory is read through NVML; 0 without a GPU or the NVML library",
+            value=1 if devices is not None else 0,
+        )
+        if devices is not None:
+            families = {
+                field: GaugeMetricFamily(
+                    f"vllm_runtime_gpu_memory_{field}_bytes", f"GPU memory {field} (NVML)", labels=["gpu"]
+                )
+                for field in ("used", "free", "total", "reserved")
+            }
+            info = GaugeMetricFamily("vllm_runtime_gpu_info", "GPUs seen by NVML", labels=["gpu", "name", "uuid"])
+            for d in devices:
+                for field, family in families.items():
+                    family.add_metric([str(d.index)], getattr(d, field))
+                info.add_metric([str(d.index), d.name, d.uuid], 1)
+            yield from families.values()
+            yield info
+        pid = self._vllm_pid()
+        rss = process_tree_rss(pid) if pid else None
+        if rss is not None:
+            yield GaugeMetricFamily(
+                "vllm_runtime_vllm_resident_memory_bytes",
+                "Resident memory of the vLLM server and its engine processes",
+                value=rss,
+            )
+
+
+class ServeMetrics:
+    """The runtime's own registry for ``serve`` (no default process collectors: vLLM's relayed
+    output already has ``process_*`` series for the server, and names must not repeat)."""
+
+    def __init__(self, *, nvml: Nvml | None = None, vllm_pid: Callable[[], int | None] = lambda: None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.startup_phase_seconds = Gauge(
+            "vllm_runtime_startup_phase_seconds",
+            "Seconds from the start of vllm-runtime serve until each start-up phase was reached",
+            ["phase"],
+            registry=r,
+        )
+        self.time_to_ready_seconds = Gauge(
+            "vllm_runtime_time_to_ready_seconds", "Seconds from start until vLLM was first ready", registry=r
+        )
+        self.ready = Gauge("vllm_runtime_ready", "1 while vLLM is healthy and lists the model", registry=r)
+        self.vllm_reported_seconds = Gauge(
+            "vllm_runtime_vllm_reported_seconds",
+            "Durations vLLM logs during start-up (weights_load, torch_compile, init_engine)",
+            ["step"],
+            registry=r,
+        )
+        self.compile_cache_hit = Gauge(
+            "vllm_runtime_compile_cache_hit", "1 when vLLM loaded compiled graphs from the cache volume", registry=r
+        )
+        self.kv_cache_tokens = Gauge(
+            "vllm_runtime_kv_cache_tokens", "KV cache capacity in tokens, as vLLM logged it", registry=r
+        )
+        self.max_concurrency = Gauge(
+            "vllm_runtime_max_concurrency",
+            "Requests of max-model-len tokens that fit the KV cache at once, as vLLM logged it",
+            registry=r,
+        )
+        self.cache_bytes = Gauge("vllm_runtime_cache_bytes", "Bytes of the cached model (manifest)", registry=r)
+        self.cache_files = Gauge("vllm_runtime_cache_files", "Files of the cached model (manifest)", registry=r)
+        self.cache_verification_seconds = Gauge(
+            "vllm_runtime_cache_verification_seconds", "Seconds the cache spent verifying sha256 (manifest)", registry=r
+        )
+        self.vllm_metrics_up = Gauge(
+            "vllm_runtime_vllm_metrics_up", "1 when the last relay of vLLM's /metrics succeeded", registry=r
+        )
+        self.start_time = time.monotonic()
+        r.register(_MemoryCollector(nvml or _default_nvml, vllm_pid))
+
+    def mark_phase(self, phase: str, seconds: float | None = None) -> float:
+        """Record that ``phase`` was reached ``seconds`` after start (now when None); returns the value."""
+        value = time.monotonic() - self.start_time if seconds is None else seconds
+        self.startup_phase_seconds.labels(phase=phase).set(value)
+        return value
+
+    def set_cache_facts(self, manifest: dict[str, Any]) -> None:
+        for key, gauge in (
+            ("bytes", self.cache_bytes),
+            ("files", self.cache_files),
+            ("verificationSeconds", self.cache_verification_seconds),
+        ):
+            value = manifest.get(key)
+            if isinstance(value, list):  # a file list instead of a count
+                value = len(value)
+            if isinstance(value, int | float):
+                gauge.set(value)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def fetch_text(url: str, timeout: float = 2.0) -> str | None:
+    """GET ``url`` and return the body, or None on any failure (for probes and relaying)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URLs we build
+            body: bytes = resp.read()
+            return body.decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+class MetricsHTTPServer:
+    """``/metrics`` (runtime registry + relayed vLLM metrics), ``/live`` and ``/ready`` on one port.
+
+    Runs in a daemon thread; handlers only read state, so they never block the supervisor.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int,
+        metrics: ServeMetrics,
+        relay_url: str | None = None,
+        is_ready: Callable[[], bool] = lambda: False,
+        host: str = "0.0.0.0",  # noqa: S104 - scraped and probed from outside the pod
+    ) -> None:
+        self.metrics = metrics
+        self.relay_url = relay_url
+        self.is_ready = is_ready
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, server.render_metrics(), CONTENT_TYPE_LATEST)
+                elif path == "/live":
+                    self._reply(200, b"ok\n")
+                elif path == "/ready":
+                    ok = server.is_ready()
+                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                else:
+                    self._reply(404, b"not found\n")
+
+            def _reply(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes every few seconds
+                pass
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+
+    def render_metrics(self) -> bytes:
+        relayed = fetch_text(self.relay_url) if self.relay_url else None
+        self.metrics.vllm_metrics_up.set(1 if relayed is not None else 0)
+        body = self.metrics.exposition()
+        if relayed:
+            body += b"# vLLM's own metrics, relayed from " + self.relay_url.encode() + b"\n"  # type: ignore[union-attr]
+            body += relayed.encode() + (b"" if relayed.endswith("\n") else b"\n")
+        return body
+
+    def start(self) -> MetricsHTTPServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def parse_exposition(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples by metric name from Prometheus text output (for tests, the demo and benchmarks)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return out
+
+
+def first_value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float | None:
+    for sample_labels, value in samples.get(name, []):
+        if all(sample_labels.get(k) == v for k, v in labels.items()):
+            return value
+    return None
+
+
+def iter_gpu_rows(nvml: Nvml | None = None) -> Iterable[GpuMemory]:
+    return (nvml or _default_nvml).devices() or []
