@@ -1,0 +1,340 @@
+"""The Helm chart, rendered offline with several value sets: lint, official schemas, checkov, yamllint, and the
+contracts it shares with the operator (CRD copy, env vars, RBAC, monitor selectors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from chart_render import CHART, NAMESPACE, RELEASE, ROOT, VALUE_SETS, by_kind, chart_crds, one, render, render_objects
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is in the test extras")
+
+KUBERNETES_VERSIONS = ["1.29.0", "1.32.0", "1.35.0", "1.37.0"]
+# prometheus-operator's kinds are CRDs, not in the official Kubernetes schemas that kubernetes-validate ships;
+# PrometheusRule content is checked by promtool (test_alerts.py), monitors' selectors and ports below.
+NOT_IN_OFFICIAL_SCHEMAS = {"monitoring.coreos.com/v1"}
+# Variables the chart sets from dedicated values, not from `config`.
+CHART_MANAGED_CONFIG = {"runtime_image", "namespaces", "metrics_port"}
+# checkov checks skipped on the rendered chart, each with the reason it does not apply.
+CHECKOV_SKIPS = {
+    "CKV_K8S_43": "image digests are optional (image.digest); the default is the immutable appVersion tag",
+    "CKV_K8S_15": "pullPolicy is a value; IfNotPresent is right for immutable tags and digests",
+    "CKV_K8S_38": "the operator talks to the API server: it needs its service account token",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VALUE_SETS))
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render_objects(VALUE_SETS[request.param])
+
+
+def test_chart_lints_clean_with_every_value_set() -> None:
+    for name, values in VALUE_SETS.items():
+        report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.29.0")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not problems and not report["errors"], (name, problems, report["errors"])
+
+
+def test_every_rendered_object_validates_against_official_schemas(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    import kubernetes_validate
+
+    name, objects = rendered
+    checked = 0
+    for obj in objects:
+        if obj["apiVersion"] in NOT_IN_OFFICIAL_SCHEMAS:
+            continue
+        for version in KUBERNETES_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                pytest.fail(f"{name}: {obj['kind']}/{obj['metadata']['name']} on {version}: {error.message}")
+        checked += 1
+    assert checked >= 5  # Deployment, Service, NetworkPolicy, RBAC at least
+
+
+def test_crd_in_chart_is_identical_to_crds_dir() -> None:
+    sources = sorted((ROOT / "crds").glob("*.yaml"))
+    assert sources, "crds/ holds the CRD"
+    copies = sorted((CHART / "crds").glob("*.yaml"))
+    assert [p.name for p in copies] == [p.name for p in sources], "run scripts/sync-crd.sh"
+    for source, copy in zip(sources, copies, strict=True):
+        assert copy.read_bytes() == source.read_bytes(), f"{copy} is stale: run scripts/sync-crd.sh"
+    subprocess.run(["bash", str(ROOT / "scripts" / "sync-crd.sh"), "--check"], check=True, capture_output=True)
+
+
+def test_chart_crd_is_a_valid_crd_with_status_and_scale() -> None:
+    import kubernetes_validate
+
+    crds = chart_crds()
+    assert [c["metadata"]["name"] for c in crds] == ["vllmmodels.vllm-operator.io"]
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(crds[0], version, strict=True)
+    (served,) = [v for v in crds[0]["spec"]["versions"] if v["name"] == "v1alpha1"]
+    assert served["subresources"]["status"] == {}
+    assert served["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+
+
+def test_operator_deployment_is_one_recreated_restricted_pod_with_probes() -> None:
+    deployment = one(render_objects(), "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] in ports, probe
+    assert f"--liveness=http://0.0.0.0:{ports['health']}/healthz" in container["args"]
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+    # Pod Security Standards "restricted".
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["runAsNonRoot"] is True
+    assert security["capabilities"]["drop"] == ["ALL"] and security["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["securityContext"]["runAsUser"] != 0
+
+
+def test_values_become_the_operator_config() -> None:
+    from vllm_operator.config import Config
+
+    values = VALUE_SETS["pinned"]
+    deployment = one(render_objects(values), "Deployment")
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    environ = {e["name"]: e["value"] for e in env if "value" in e}
+    config = Config.from_env(environ)
+    assert config.hf_endpoint == "https://hf-mirror.example"
+    assert config.startup_timeout_seconds == 7200 and config.cache_size_headroom == 2.5
+    assert config.gpu_resource is None  # "" means: request no GPU resource
+    assert config.default_storage_class == "fast-rwx"
+    assert config.runtime_image == "registry.example/vllm-runtime:v9"
+    assert config.namespaces == ()
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@sha256:" + "a" * 64)
+
+    namespaced = one(render_objects(VALUE_SETS["namespaced"]), "Deployment")
+    env = namespaced["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert Config.from_env({e["name"]: e["value"] for e in env}).namespaces == ("team-a", "team-b")
+
+
+def test_values_schema_offers_every_operator_setting() -> None:
+    from vllm_operator.config import Config
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    offered = {_snake(key) for key in schema["properties"]["config"]["properties"]}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert offered == fields - CHART_MANAGED_CONFIG, "values.schema.json `config` and Config disagree"
+    # Every offered key renders to the variable Config reads.
+    values = {"config": {key: _example(prop) for key, prop in schema["properties"]["config"]["properties"].items()}}
+    env = one(render_objects(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    names = {e["name"] for e in env}
+    assert {f"VLLM_OPERATOR_{field.upper()}" for field in fields} <= names
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"config": {"hfEndpoit": "https://x"}}, "hfEndpoit"),
+        ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
+        ({"prometheusRule": {"notReadyFor": "15 minutes"}}, "notReadyFor"),
+        ({"config": {"startupTimeoutSeconds": "soon"}}, "startupTimeoutSeconds"),
+        ({"image": {"digest": "latest"}}, "digest"),
+        ({"extraEnv": [{"name": "VLLM_OPERATOR_NAMESPACES", "value": "x"}]}, "extraEnv"),
+        ({"replicaCount": 2}, "replicaCount"),
+        ({"serviceAccount": {"create": False}}, "serviceAccount.name"),
+        ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "metrics.service"),
+    ],
+)
+def test_bad_values_fail_at_install(values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(helm.HelmError, match=complaint.split(".")[0]):
+        render(values)
+
+
+# --- RBAC ------------------------------------------------------------------------------------------------
+
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection", "*"}
+
+
+def _grants(rules: list[dict[str, Any]], group: str, resource: str) -> set[str]:
+    verbs: set[str] = set()
+    for rule in rules:
+        if group in rule.get("apiGroups", []) and resource in rule.get("resources", []):
+            verbs.update(rule["verbs"])
+    return verbs
+
+
+def _assert_operator_rights(rules: list[dict[str, Any]]) -> None:
+    from vllm_operator import kube
+
+    for resource in (kube.PVCS, kube.SERVICES, kube.JOBS, kube.DEPLOYMENTS):
+        assert {"get", "list", "create", "patch", "delete"} <= _grants(rules, resource.group, resource.plural)
+    assert {"get", "list", "watch", "patch"} <= _grants(rules, kube.VLLMMODELS.group, kube.VLLMMODELS.plural)
+    assert "patch" in _grants(rules, kube.VLLMMODELS.group, kube.VLLMMODELS.plural + "/status")
+    assert "create" in _grants(rules, "", "events")
+    # Least rights: pods read only, no Secrets (tokens reach pods as secretKeyRef), no wildcards.
+    assert _grants(rules, "", "pods") == {"get", "list", "watch"}
+    assert not _grants(rules, "", "secrets")
+    for rule in rules:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+
+
+def test_cluster_wide_rbac_is_one_cluster_role() -> None:
+    objects = render_objects()
+    assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
+    role = one(objects, "ClusterRole")
+    _assert_operator_rights(role["rules"])
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-vllm-operator", "namespace": NAMESPACE}]
+
+
+def test_namespaced_rbac_grants_rights_only_in_watched_namespaces() -> None:
+    objects = render_objects(VALUE_SETS["namespaced"])
+    roles = by_kind(objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        _assert_operator_rights(role["rules"])
+    bindings = by_kind(objects, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    # The one cluster-scoped role is read-only discovery of the CRD: nothing about models or their children.
+    (cluster_role,) = by_kind(objects, "ClusterRole")
+    for rule in cluster_role["rules"]:
+        assert rule["apiGroups"] == ["apiextensions.k8s.io"] and not set(rule["verbs"]) & WRITE_VERBS
+
+
+# --- monitoring ----------------------------------------------------------------------------------------
+
+
+def test_model_monitors_select_the_operators_children_on_their_metrics_port() -> None:
+    from vllm_operator import builders
+    from vllm_operator.config import Config
+    from vllm_operator.model import VLLMModel
+
+    model = VLLMModel.from_body(
+        {"metadata": {"name": "qwen", "namespace": "llm", "uid": "u1"}, "spec": {"model": "Qwen/Qwen2.5-0.5B"}}
+    )
+    config = Config()
+    job = builders.cache_job_for(model, config)
+    deployment = builders.deployment_for(model, config, "0" * 40)
+    service = builders.service_for(model, config)
+    objects = render_objects(VALUE_SETS["monitoring"])
+    pod_monitor = one(objects, "PodMonitor")
+    service_monitor = [m for m in by_kind(objects, "ServiceMonitor") if m["metadata"]["name"].endswith("-models")][0]
+
+    for pod_template in (job["spec"]["template"], deployment["spec"]["template"]):
+        labels = pod_template["metadata"]["labels"]
+        assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        port_names = {p["name"] for c in pod_template["spec"]["containers"] for p in c.get("ports", [])}
+        assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] in port_names
+        # The relabelings read these pod labels (Prometheus turns '.', '/' and '-' into '_').
+        for relabel in pod_monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]:
+            source = relabel["sourceLabels"][0]
+            if source.startswith("__meta_kubernetes_pod_label_"):
+                assert source.removeprefix("__meta_kubernetes_pod_label_") in {_prom(k) for k in labels}
+    assert service_monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert service_monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
+
+    namespaced = one(render_objects(VALUE_SETS["namespaced-monitoring"]), "PodMonitor")
+    assert namespaced["spec"]["namespaceSelector"] == {"matchNames": ["llm"]}
+
+
+def test_operator_service_monitor_scrapes_the_operator_metrics_port() -> None:
+    objects = render_objects(VALUE_SETS["monitoring"])
+    (monitor,) = [m for m in by_kind(objects, "ServiceMonitor") if not m["metadata"]["name"].endswith("-models")]
+    service = one(objects, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    deployment = one(objects, "Deployment")
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_dashboard_configmap_is_picked_up_by_the_grafana_sidecar() -> None:
+    (configmap,) = [o for o in render_objects(VALUE_SETS["monitoring"]) if o["kind"] == "ConfigMap"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    (text,) = configmap["data"].values()
+    dashboard = json.loads(text)
+    assert dashboard["uid"] and dashboard["title"]
+    titles = {p["title"] for p in dashboard["panels"]}
+    for wanted in ("Requests", "GPU memory", "Cache", "Start-up phases", "Weight download"):
+        assert wanted in titles
+    assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "namespace", "model"}
+    assert not by_kind(render_objects(), "ConfigMap"), "the dashboard is opt-in"
+
+
+def test_notes_tell_the_next_steps() -> None:
+    notes = render()["vllm-operator/templates/NOTES.txt"]
+    assert "kubectl wait --for=condition=Ready vllmmodel/" in notes
+    assert "helm show crds" in notes
+    namespaced = render(VALUE_SETS["namespaced"])["vllm-operator/templates/NOTES.txt"]
+    assert "watching only: team-a, team-b" in namespaced
+
+
+# --- scanners ------------------------------------------------------------------------------------------
+
+
+def _write_rendered(directory: Path) -> None:
+    for name, values in VALUE_SETS.items():
+        for path, text in render(values).items():
+            if not path.endswith(".txt") and text.strip():
+                out = directory / name / Path(path).name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(text.strip() + "\n")  # as `helm template` prints it
+
+
+def test_checkov_passes_on_the_rendered_chart(tmp_path: Path) -> None:
+    checkov = ROOT / ".venv-checkov" / "bin" / "checkov"
+    assert checkov.exists(), "checkov lives in its own venv: run scripts/setup.sh"
+    _write_rendered(tmp_path)
+    result = subprocess.run(
+        [str(checkov), "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download", "--compact", "--quiet",
+         "--skip-check", ",".join(CHECKOV_SKIPS)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_yamllint_passes_on_chart_examples_and_rendered_output(tmp_path: Path) -> None:
+    from yamllint import linter
+    from yamllint.config import YamlLintConfig
+
+    config = YamlLintConfig(file=str(ROOT / ".yamllint"))
+    # Rendered output: the embedded dashboard JSON has long lines by nature.
+    rendered_config = YamlLintConfig(
+        yaml.safe_dump({"extends": str(ROOT / ".yamllint"), "rules": {"line-length": "disable"}})
+    )
+    _write_rendered(tmp_path)
+    sources = [p for d in ("charts", "examples", "deploy", "crds") for p in (ROOT / d).rglob("*.yaml")]
+    sources = [p for p in sources if "templates" not in p.parts] + [ROOT / ".yamllint"]
+    problems = []
+    for path, cfg in [(p, config) for p in sources] + [(p, rendered_config) for p in tmp_path.rglob("*.yaml")]:
+        for problem in linter.run(path.read_text(), cfg, str(path)):
+            if problem.level == "error":
+                problems.append(f"{path}:{problem.line}:{problem.column} {problem.desc}")
+    assert not problems, "\n".join(problems)
+
+
+def _snake(camel: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in camel)
+
+
+def _prom(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label)
+
+
+def _example(prop: dict[str, Any]) -> Any:
+    """A value that the property's schema accepts."""
+    if "enum" in prop:
+        return prop["enum"][0]
+    if prop["type"] != "string":
+        return {"integer": 3, "number": 2.5}[prop["type"]]
+    pattern = prop.get("pattern", "")
+    if "http" in pattern:
+        return "https://example"
+    return "1Gi" if "Gi" in pattern else "x"
