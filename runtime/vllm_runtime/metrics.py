@@ -222,15 +222,14 @@ class ServeMetrics:
         return value
 
     def set_cache_facts(self, manifest: dict[str, Any]) -> None:
-        for key, gauge in (
-            ("bytes", self.cache_bytes),
-            ("files", self.cache_files),
-            ("verificationSeconds", self.cache_verification_seconds),
+        """Cache facts from the completion manifest (vllm_runtime.cache.manifest's fields)."""
+        files = manifest.get("fileCount", manifest.get("files"))
+        for value, gauge in (
+            (manifest.get("bytes"), self.cache_bytes),
+            (len(files) if isinstance(files, list) else files, self.cache_files),
+            (manifest.get("verificationSeconds"), self.cache_verification_seconds),
         ):
-            value = manifest.get(key)
-            if isinstance(value, list):  # a file list instead of a count
-                value = len(value)
-            if isinstance(value, int | float):
+            if isinstance(value, int | float) and not isinstance(value, bool):
                 gauge.set(value)
 
     def exposition(self) -> bytes:

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +51,7 @@ RUNTIME_SET_FLAGS = frozenset(
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 DEFAULT_VLLM_COMMAND = (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
 OUTPUT_TAIL_LINES = 400  # kept for failure classification
+LEASE_RENEW_SECONDS = 120.0  # well inside the cache's lease TTL, so gc never evicts a served commit
 
 
 class ServeError(Exception):
@@ -379,6 +380,7 @@ class Supervisor:
         self.exit_code: int | None = None
         self._stop_event = threading.Event()
         self._status_lock = threading.Lock()
+        self.renew_lease: Callable[[], None] = lambda: None  # called about every LEASE_RENEW_SECONDS
 
     # -- status file
     def status(self) -> dict[str, Any]:
@@ -459,7 +461,11 @@ class Supervisor:
 
     def _probe_loop(self) -> None:
         interval = 0.5
+        renewed = time.monotonic()
         while not self._stop_event.wait(interval):
+            if time.monotonic() - renewed >= LEASE_RENEW_SECONDS:
+                renewed = time.monotonic()
+                self.renew_lease()
             ok = self.probe()
             if ok and not self.ready and "healthy" not in self.tracker.phases:
                 seconds = self.tracker.mark_healthy()
@@ -616,10 +622,16 @@ def run(args: argparse.Namespace) -> int:
     ).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, supervisor.forward_stop)
+    lease = _Lease(cache_dir, args.model, plan.commit) if plan.manifest is not None and cache_dir else None
+    if lease:
+        lease.renew()
+        supervisor.renew_lease = lease.renew
     try:
         code = supervisor.run()
     finally:
         http.stop()
+        if lease:
+            lease.release()
 
     done = summary.Summary(
         ok=code == 0,
@@ -634,6 +646,29 @@ def run(args: argparse.Namespace) -> int:
         done.reason, done.message, done.retryable = supervisor.failure.reason, supervisor.failure.message, False
     summary.write_termination_message(done, args.termination_message_path)
     return code
+
+
+class _Lease:
+    """Marks the served commit in use on the volume (vllm_runtime.cache.usage), so ``gc`` keeps it."""
+
+    def __init__(self, cache_dir: Path, repo_id: str, commit: str) -> None:
+        self.args = (cache_dir, repo_id, commit)
+
+    def renew(self) -> None:
+        try:
+            from vllm_runtime.cache.usage import mark_in_use
+
+            mark_in_use(*self.args)
+        except (ImportError, OSError) as exc:  # a read-only volume: serving matters more than gc hints
+            log.warning("cannot mark %s@%s in use: %s", self.args[1], self.args[2], exc)
+
+    def release(self) -> None:
+        try:
+            from vllm_runtime.cache.usage import release
+
+            release(*self.args)
+        except (ImportError, OSError):
+            pass
 
 
 def _is_local(model: str) -> bool:

@@ -1,0 +1,379 @@
+"""``vllm-runtime serve`` without vLLM: command building, phases from log lines, metrics without NVML,
+and the supervisor against a stand-in server (tests/fake_vllm.py) for readiness, signals and failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vllm_runtime import failures, layout, serve, summary, vllm_args
+from vllm_runtime.metrics import GpuMemory, MetricsHTTPServer, Nvml, ServeMetrics, first_value, parse_exposition
+
+HERE = Path(__file__).parent
+REPO = "test-org/tiny-llama"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fill_cache_by_hand(cache_dir: Path, repo_id: str = REPO, commit: str = COMMIT) -> Path:
+    """A cache in the volume layout with a completion manifest, as ``vllm-runtime cache`` leaves it."""
+    cache = layout.CacheLayout(cache_dir)
+    snapshot = cache.snapshot_dir(repo_id, commit)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"\0" * 16)
+    manifest = {
+        "formatVersion": 1,
+        "repoId": repo_id,
+        "commit": commit,
+        "revisions": ["main"],
+        "verified": True,
+        "files": [{"path": "config.json", "size": 2}, {"path": "model.safetensors", "size": 16}],
+        "fileCount": 2,
+        "bytes": 18,
+        "verificationSeconds": 0.25,
+    }
+    path = cache.manifest_path(repo_id, commit)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(manifest))
+    return snapshot
+
+
+def plan_for(cache_dir: Path, extra: list[str], **kw: object) -> serve.ServePlan:
+    args: dict[str, object] = dict(
+        model=REPO,
+        revision=COMMIT,
+        cache_dir=cache_dir,
+        host="0.0.0.0",
+        port=8000,
+        extra_args=extra,
+        vllm_version="0.32.0",
+        accelerator="cpu",
+        base_env={"HF_TOKEN": "hf_secret", "PATH": "/usr/bin"},
+        drain_timeout=25,
+    )
+    args.update(kw)
+    return serve.build_plan(**args)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ command building
+
+
+def test_plan_serves_the_cached_commit_offline_with_the_operators_flags(tmp_path: Path) -> None:
+    fill_cache_by_hand(tmp_path)
+    spec_flags = vllm_args.vllm_flags({"dtype": "float32", "maxModelLen": 256, "extraArgs": ["--max-num-seqs", "4"]})
+    plan = plan_for(tmp_path, spec_flags)
+    argv = plan.argv
+    assert argv[argv.index("--model") + 1] == REPO
+    assert argv[argv.index("--revision") + 1] == COMMIT
+    assert argv[argv.index("--port") + 1] == "8000"
+    assert argv[argv.index("--shutdown-timeout") + 1] == "25"  # vLLM drains on SIGTERM
+    assert argv[-len(spec_flags) :] == spec_flags  # verbatim, last
+    assert plan.env["HF_HUB_OFFLINE"] == "1"
+    assert plan.env["HF_HUB_CACHE"] == str(tmp_path / "hub")
+    assert plan.env["VLLM_CACHE_ROOT"] == str(tmp_path / "compile" / plan.compile_key)
+    assert "HF_TOKEN" not in plan.env  # serving needs no token; never hand it to vLLM
+    assert plan.served_model_names == [REPO]
+    assert plan.manifest is not None and plan.manifest["commit"] == COMMIT
+
+
+def test_compile_key_changes_only_with_settings_that_change_compiled_graphs(tmp_path: Path) -> None:
+    fill_cache_by_hand(tmp_path)
+    base = plan_for(tmp_path, ["--dtype", "float32"]).compile_key
+    assert plan_for(tmp_path, ["--dtype", "float32", "--served-model-name", "x"]).compile_key == base
+    assert plan_for(tmp_path, ["--dtype", "float32", "--max-num-seqs", "4"]).compile_key == base
+    assert plan_for(tmp_path, ["--dtype", "bfloat16"]).compile_key != base
+    assert plan_for(tmp_path, ["--dtype", "float32", "--tensor-parallel-size", "2"]).compile_key != base
+    assert plan_for(tmp_path, ["--dtype", "float32"], accelerator="NVIDIA-H100-80GB-HBM3").compile_key != base
+    assert plan_for(tmp_path, ["--dtype", "float32"], vllm_version="0.33.0").compile_key != base
+
+
+@pytest.mark.parametrize("flag", ["--port", "--host", "--model", "--revision", "--download-dir", "--download_dir"])
+def test_flags_the_runtime_sets_are_refused_after_the_separator(tmp_path: Path, flag: str) -> None:
+    fill_cache_by_hand(tmp_path)
+    with pytest.raises(serve.ServeError) as err:
+        plan_for(tmp_path, [flag, "x"])
+    assert err.value.exit_code == summary.EXIT_USAGE
+    assert flag.replace("_", "-") in err.value.message
+
+
+def test_user_shutdown_timeout_wins_and_served_names_come_from_the_flag(tmp_path: Path) -> None:
+    fill_cache_by_hand(tmp_path)
+    plan = plan_for(tmp_path, ["--shutdown-timeout", "5", "--served-model-name", "a", "b", "--seed", "1"])
+    assert plan.argv.count("--shutdown-timeout") == 1
+    assert plan.served_model_names == ["a", "b"]
+
+
+def test_no_manifest_no_start(tmp_path: Path) -> None:
+    fill_cache_by_hand(tmp_path)
+    layout.CacheLayout(tmp_path).manifest_path(REPO, COMMIT).unlink()
+    with pytest.raises(serve.ServeError) as err:
+        plan_for(tmp_path, [])
+    assert err.value.reason == "NoCompleteCache" and err.value.exit_code == summary.EXIT_PERMANENT
+    assert "vllm-runtime cache --model test-org/tiny-llama" in err.value.message
+
+
+def test_local_model_directory_needs_config_and_weights(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "llama"
+    model.mkdir(parents=True)
+    with pytest.raises(serve.ServeError, match="no config.json"):
+        plan_for(tmp_path / "cache", [], model=str(model), revision="main")
+    (model / "config.json").write_text("{}")
+    with pytest.raises(serve.ServeError, match="no weight files"):
+        plan_for(tmp_path / "cache", [], model=str(model), revision="main")
+    (model / "model.safetensors").write_bytes(b"\0")
+    plan = plan_for(tmp_path / "cache", [], model=str(model), revision="main")
+    assert plan.model_ref == str(model) and "--revision" not in plan.argv
+    assert plan.commit.startswith("local-") and plan.manifest is None
+
+
+# ------------------------------------------------------------------ phases from vLLM's log lines
+
+CPU_FIRST_START = [
+    "(Worker pid=6322) INFO 11-27 21:00:03 [default_loader.py:501] Loading weights took 0.00 seconds",
+    "(Worker pid=6322) INFO 11-27 21:00:04 [cpu_model_runner.py:87] Warming up model for the compilation...",
+    "(Worker pid=6322) INFO 11-27 21:00:27 [decorators.py:743] [backbone] saved AOT compiled function to /c/x/model",
+    "(Worker pid=6322) INFO 11-27 21:00:27 [cpu_model_runner.py:91] Warming up done.",
+    "(EngineCore pid=6259) INFO 11-27 21:00:27 [kv_cache_utils.py:2327] CPU KV cache size: 1,048,576 tokens, "
+    "Maximum concurrency for 256 tokens per request: 4096.00x",
+    "(EngineCore pid=6259) INFO 11-27 21:00:30 [core.py:402] init engine (profile, create kv cache, warmup model) "
+    "took 25.63 s",
+]
+CPU_WARM_RESTART_LINE = (
+    "(Worker pid=7189) WARNING 11-27 21:01:43 [decorators.py:333] [backbone] Compiling model again due to a load "
+    "failure from /cache/compile/vllm-0.32.0-abc/torch_compile_cache/torch_aot_compile/e06d/rank_0_0/model, "
+    "reason: 'function' object has no attribute 'finalize_loading'"
+)
+GPU_START = [
+    "(EngineCore pid=1) INFO 11-27 21:00:10 [gpu_model_runner.py:5150] Model loading took 14.99 GiB memory and "
+    "6.123456 seconds",
+    "(EngineCore pid=1) INFO 11-27 21:00:20 [backends.py:296] Directly load the compiled graph(s) for compile range "
+    "(1, 8192) from the cache, took 1.234 s",
+    "(EngineCore pid=1) INFO 11-27 21:00:21 [monitor.py:40] torch.compile took 3.21 s in total",
+    "(EngineCore pid=1) INFO 11-27 21:00:22 [gpu_worker.py:760] Available KV cache memory: 52.1 GiB",
+    "(EngineCore pid=1) INFO 11-27 21:00:22 [kv_cache_utils.py:2327] GPU KV cache size: 426,784 tokens, "
+    "Maximum concurrency for 8,192 tokens per request: 52.10x",
+]
+
+
+def test_cpu_start_up_lines_record_every_phase_in_order() -> None:
+    tracker = serve.PhaseTracker(ServeMetrics(nvml=_NoGpu()))
+    for line in CPU_FIRST_START:
+        tracker.feed(line)
+    assert list(tracker.phases) == ["weights_loaded", "compile_done", "kv_cache_allocated"]
+    assert tracker.kv_cache_tokens == 1_048_576 and tracker.max_concurrency == 4096.0
+    assert tracker.reported == {"weights_load": 0.0, "init_engine": 25.63}
+    assert tracker.compile_cache_hit is None
+    tracker.mark_healthy()
+    assert "healthy" in tracker.phases
+
+
+def test_gpu_lines_and_a_compile_cache_hit() -> None:
+    metrics = ServeMetrics(nvml=_NoGpu())
+    tracker = serve.PhaseTracker(metrics)
+    for line in GPU_START:
+        tracker.feed(line)
+    assert tracker.compile_cache_hit is True
+    assert tracker.reported["weights_load"] == 6.123456 and tracker.reported["torch_compile"] == 3.21
+    assert set(tracker.phases) == {"weights_loaded", "compile_done", "kv_cache_allocated"}
+    samples = parse_exposition(metrics.exposition().decode())
+    assert first_value(samples, "vllm_runtime_compile_cache_hit") == 1.0
+    assert first_value(samples, "vllm_runtime_kv_cache_tokens") == 426_784
+    assert first_value(samples, "vllm_runtime_startup_phase_seconds", phase="compile_done") is not None
+
+
+def test_cpu_restart_that_finds_the_artifact_on_the_volume() -> None:
+    tracker = serve.PhaseTracker(ServeMetrics(nvml=_NoGpu()))
+    tracker.feed(CPU_WARM_RESTART_LINE)
+    assert tracker.compile_artifact_found and tracker.compile_cache_hit is False
+
+
+# ------------------------------------------------------------------ metrics without and with a GPU
+
+
+class _NoGpu(Nvml):
+    def available(self) -> bool:
+        return False
+
+
+class _FakeGpu(Nvml):
+    def devices(self) -> list[GpuMemory] | None:
+        gib = 1 << 30
+        return [GpuMemory(index=0, name="NVIDIA H100", uuid="GPU-1", total=80 * gib, free=60 * gib, used=19 * gib,
+                          reserved=gib)]
+
+
+def test_without_nvml_gpu_metrics_say_absent_and_nothing_fails() -> None:
+    samples = parse_exposition(ServeMetrics(nvml=Nvml()).exposition().decode())  # no NVML on CI machines
+    if first_value(samples, "vllm_runtime_gpu_metrics_available") == 1.0:
+        pytest.skip("this machine has a GPU")
+    assert first_value(samples, "vllm_runtime_gpu_metrics_available") == 0.0
+    assert "vllm_runtime_gpu_memory_used_bytes" not in samples
+    assert serve.accelerator_type(Nvml()) == "cpu"
+
+
+def test_gpu_memory_series_per_device_and_child_rss() -> None:
+    metrics = ServeMetrics(nvml=_FakeGpu(), vllm_pid=os.getpid)
+    samples = parse_exposition(metrics.exposition().decode())
+    assert first_value(samples, "vllm_runtime_gpu_metrics_available") == 1.0
+    assert first_value(samples, "vllm_runtime_gpu_memory_free_bytes", gpu="0") == 60 * (1 << 30)
+    assert first_value(samples, "vllm_runtime_gpu_memory_total_bytes", gpu="0") == 80 * (1 << 30)
+    assert (first_value(samples, "vllm_runtime_vllm_resident_memory_bytes") or 0) > 1 << 20
+    assert serve.accelerator_type(_FakeGpu()) == "NVIDIA-H100"
+
+
+def test_manifest_facts_become_cache_metrics() -> None:
+    metrics = ServeMetrics(nvml=_NoGpu())
+    metrics.set_cache_facts({"bytes": 18, "fileCount": 2, "files": [{}, {}], "verificationSeconds": 0.25})
+    samples = parse_exposition(metrics.exposition().decode())
+    assert first_value(samples, "vllm_runtime_cache_bytes") == 18
+    assert first_value(samples, "vllm_runtime_cache_files") == 2
+    assert first_value(samples, "vllm_runtime_cache_verification_seconds") == 0.25
+
+
+def test_metrics_server_appends_relayed_metrics_and_probes(tmp_path: Path) -> None:
+    upstream = MetricsHTTPServer(port=0, metrics=ServeMetrics(nvml=_NoGpu()), host="127.0.0.1").start()
+    try:
+        ready = {"value": False}
+        server = MetricsHTTPServer(
+            port=0,
+            metrics=ServeMetrics(nvml=_NoGpu()),
+            relay_url=f"http://127.0.0.1:{upstream.port}/metrics",
+            is_ready=lambda: ready["value"],
+            host="127.0.0.1",
+        ).start()
+        try:
+            base = f"http://127.0.0.1:{server.port}"
+            assert _status(base + "/live") == 200
+            assert _status(base + "/ready") == 503
+            ready["value"] = True
+            assert _status(base + "/ready") == 200
+            text = urllib.request.urlopen(base + "/metrics").read().decode()
+            # the relayed exposition comes after our own; both parse as one scrape
+            assert text.index("vllm_runtime_vllm_metrics_up 1.0") < text.index("relayed from")
+            assert "vllm_runtime_ready" in parse_exposition(text)
+        finally:
+            server.stop()
+    finally:
+        upstream.stop()
+
+
+def _status(url: str) -> int:
+    try:
+        return int(urllib.request.urlopen(url, timeout=5).status)
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+# ------------------------------------------------------------------ the supervisor against a stand-in vLLM
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+RUN_SERVE_ONLY = (
+    "import sys, argparse, logging; from vllm_runtime import serve; p = argparse.ArgumentParser(); "
+    "serve.register(p.add_subparsers()); logging.basicConfig(level=logging.INFO); a = p.parse_args(); "
+    "sys.exit(a.func(a))"
+)
+
+
+def start_serve(tmp_path: Path, env_extra: dict[str, str], *vllm_flags: str) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    port, metrics_port = free_port(), free_port()
+    cmd = [
+        sys.executable, "-c", RUN_SERVE_ONLY, "serve",
+        "--model", REPO, "--revision", COMMIT, "--cache-dir", str(tmp_path),
+        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+        "--termination-message-path", str(tmp_path / "termination-log"),
+        "--vllm-command", f"{sys.executable} {HERE / 'fake_vllm.py'}",
+        "--drain-timeout", "5",
+        "--", *vllm_flags,
+    ]  # fmt: skip
+    env = {**os.environ, "FAKE_VLLM_ENV_DUMP": str(tmp_path / "fake-env.json"), **env_extra}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, {"port": port, "metrics": f"http://127.0.0.1:{metrics_port}"}
+
+
+def wait_for(predicate: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_supervisor_readiness_metrics_status_and_sigterm(tmp_path: Path) -> None:
+    fill_cache_by_hand(tmp_path)
+    proc, urls = start_serve(tmp_path, {"FAKE_VLLM_TERM_EXIT": "0"}, "--served-model-name", "tiny")
+    try:
+        wait_for(lambda: _status(f"{urls['metrics']}/ready") == 200)
+        text = urllib.request.urlopen(f"{urls['metrics']}/metrics").read().decode()
+        samples = parse_exposition(text)
+        assert first_value(samples, "vllm_runtime_ready") == 1.0
+        for phase in ("weights_loaded", "compile_done", "kv_cache_allocated", "healthy"):
+            assert first_value(samples, "vllm_runtime_startup_phase_seconds", phase=phase) is not None, phase
+        assert first_value(samples, "vllm:num_requests_running", model_name="tiny") == 0.0  # relayed
+        assert first_value(samples, "vllm_runtime_cache_files") == 2
+        status = json.loads(next((tmp_path / "state").glob("serve-*.json")).read_text())
+        assert status["ready"] is True and status["commit"] == COMMIT
+        dumped = json.loads((tmp_path / "fake-env.json").read_text())
+        assert dumped["env"]["HF_HUB_OFFLINE"] == "1"
+        assert dumped["env"]["VLLM_CACHE_ROOT"].startswith(str(tmp_path / "compile"))
+        assert list((tmp_path / "state" / "leases").glob("*.lease"))  # the commit is marked in use
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "[shutdown] API server: shutdown triggered" in out  # the signal reached vLLM
+    message = summary.parse_termination_message((tmp_path / "termination-log").read_text())
+    assert message is not None and message["ok"] is True and message["command"] == "serve"
+    assert set(message["phases"]) >= {"weights_loaded", "healthy"}
+    assert not list((tmp_path / "state" / "leases").glob("*.lease"))  # released
+
+
+def test_supervisor_exits_with_vllms_status(tmp_path: Path) -> None:
+    fill_cache_by_hand(tmp_path)
+    proc, urls = start_serve(tmp_path, {"FAKE_VLLM_TERM_EXIT": "7"})
+    try:
+        wait_for(lambda: _status(f"{urls['metrics']}/ready") == 200)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 7
+
+
+def test_failed_start_is_classified_into_the_termination_message(tmp_path: Path) -> None:
+    fill_cache_by_hand(tmp_path)
+    fixture = HERE / "fixtures" / "vllm_failures" / "kv_cache_too_small.log"
+    proc, _ = start_serve(tmp_path, {"FAKE_VLLM_MODE": "fail", "FAKE_VLLM_FAILURE_LOG": str(fixture)})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    message = summary.parse_termination_message((tmp_path / "termination-log").read_text())
+    assert message is not None and message["ok"] is False
+    assert message["reason"] == failures.KV_CACHE_TOO_SMALL and "20224" in message["message"]
+    status = json.loads(next((tmp_path / "state").glob("serve-*.json")).read_text())
+    assert status["failure"]["reason"] == failures.KV_CACHE_TOO_SMALL
+
+
+def test_serve_refuses_to_start_without_a_manifest(tmp_path: Path) -> None:
+    proc, _ = start_serve(tmp_path, {})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == summary.EXIT_PERMANENT, out
+    message = summary.parse_termination_message((tmp_path / "termination-log").read_text())
+    assert message is not None and message["reason"] == "NoCompleteCache"
+    assert not (tmp_path / "fake-env.json").exists()  # vLLM never started
