@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 from typing import Any
 
 from vllm_runtime import layout, vllm_args
@@ -38,6 +39,9 @@ SHM_PATH = "/dev/shm"
 TMP_PATH = "/tmp"
 
 _GIB = 1024**3
+
+# The cache volume's layout as seen inside cache Job and model pods.
+POD_CACHE = layout.CacheLayout(Path(layout.CACHE_MOUNT_PATH))
 
 
 # --- names and labels --------------------------------------------------------------------------------
@@ -231,7 +235,7 @@ def cache_job_for(model: VLLMModel, config: Config, revision: str | None = None)
                     "onExitCodes": {"containerName": CACHE_CONTAINER, "operator": "In", "values": [3]},
                 },
                 # A node drain or preemption is not the cache's fault: retry without counting it.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]
         },
         "template": {
@@ -271,7 +275,7 @@ def deployment_for(model: VLLMModel, config: Config, commit: str) -> dict[str, A
     env = _hub_env(offline=True) + [
         # vLLM's compile cache lives on the cache volume so restarts skip torch.compile;
         # vllm-runtime narrows it to one directory per configuration (vllm_args.compile_cache_key).
-        {"name": "VLLM_CACHE_ROOT", "value": str(layout.CacheLayout(_cache_root()).compile_root)},
+        {"name": "VLLM_CACHE_ROOT", "value": str(POD_CACHE.compile_root)},
         {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
         {"name": "HOME", "value": TMP_PATH},
     ]
@@ -374,13 +378,9 @@ def _image(model: VLLMModel, config: Config) -> str:
     return str(model.spec.get("image") or config.runtime_image)
 
 
-def _cache_root() -> str:
-    return layout.CACHE_MOUNT_PATH
-
-
 def _hub_env(*, offline: bool) -> list[dict[str, Any]]:
     env = [
-        {"name": "HF_HUB_CACHE", "value": str(layout.CacheLayout(_cache_root()).hub_cache)},
+        {"name": "HF_HUB_CACHE", "value": str(POD_CACHE.hub_cache)},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
     ]
     if offline:

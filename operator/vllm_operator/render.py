@@ -1,0 +1,131 @@
+"""``vllm-operator render``: every object the operator would create, with no cluster.
+
+It calls the same builders as the live operator. Two things are only known in a cluster and are
+marked instead: the commit a branch or tag resolves to (the cache Job resolves it; a 40-hex
+``spec.revision`` is used as is), and ownerReferences (added only when the input carries
+``metadata.uid``, e.g. from ``kubectl get -o yaml``: an ownerReference to a uid that does not exist
+would get the object garbage-collected).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from vllm_runtime import layout
+
+from . import builders, crd
+from .config import Config
+from .model import VLLMModel
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+class RenderError(ValueError):
+    """Bad input: the message names the file, the object and the field."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One child object and the comment printed above it."""
+
+    comment: str
+    obj: dict[str, Any]
+
+
+def placeholder_commit(revision: str) -> str:
+    """What the Deployment shows for a branch or tag: it serves the commit the cache Job resolves."""
+    return f"<commit-resolved-from:{revision}>"
+
+
+def commit_for(model: VLLMModel) -> str:
+    return model.revision if layout.is_commit(model.revision) else placeholder_commit(model.revision)
+
+
+def input_files(paths: Iterable[str]) -> list[str]:
+    """Files to read: each path as given, or a directory's *.yaml/*.yml files in name order; '-' is stdin."""
+    files: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if path == "-":
+            files.append(path)
+        elif p.is_dir():
+            found = sorted(str(f) for f in p.iterdir() if f.suffix in YAML_SUFFIXES and f.is_file())
+            if not found:
+                raise RenderError(f"{path}: no .yaml or .yml files in this directory")
+            files += found
+        elif p.is_file():
+            files.append(path)
+        else:
+            raise RenderError(f"{path}: no such file or directory")
+    return files
+
+
+def read_documents(path: str, stdin: TextIO | None = None) -> Iterator[dict[str, Any]]:
+    text = (stdin or sys.stdin).read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    try:
+        for document in yaml.safe_load_all(text):
+            if document is None:
+                continue
+            if not isinstance(document, dict):
+                raise RenderError(f"{path}: a YAML document is not a mapping")
+            yield document
+    except yaml.YAMLError as exc:
+        raise RenderError(f"{path}: not valid YAML: {exc}") from None
+
+
+def is_vllm_model(document: dict[str, Any]) -> bool:
+    return document.get("kind") == crd.KIND and str(document.get("apiVersion", "")).startswith(crd.GROUP + "/")
+
+
+def render_model(body: dict[str, Any], config: Config, *, namespace: str = "default") -> list[Rendered]:
+    """The children of one VLLMModel body, in creation order, with comments."""
+    model = VLLMModel.from_body(body, default_namespace=namespace)
+    commit = commit_for(model)
+    where = f"VLLMModel {model.namespace}/{model.name}"
+    out: list[Rendered] = []
+    for obj in builders.children_for(model, config, commit):
+        kind = obj["kind"]
+        comment = f"{where}: {kind} {obj['metadata']['name']}"
+        if kind == "Deployment" and commit != model.revision:
+            comment += (
+                f"\nrevision {model.revision!r} is a branch or tag: the operator deploys the 40-hex commit the"
+                f" cache Job resolves it to, in place of {commit}"
+            )
+        if kind == "PersistentVolumeClaim" and not model.cache.get("size") and not builders.known_model_bytes(model):
+            comment += "\nsize: the operator's default until the model's size is known (set spec.cache.size to fix it)"
+        if model.uid:
+            obj["metadata"]["ownerReferences"] = [builders.owner_reference_for(model)]
+        else:
+            comment += "\nownerReferences: added by the operator (the VLLMModel's uid is only known in a cluster)"
+        out.append(Rendered(comment, obj))
+    return out
+
+
+def render_paths(paths: Iterable[str], config: Config, *, namespace: str = "default") -> list[Rendered]:
+    """Every child of every VLLMModel in ``paths``; other kinds of documents are skipped."""
+    rendered: list[Rendered] = []
+    for path in input_files(paths):
+        for document in read_documents(path):
+            if not is_vllm_model(document):
+                continue
+            name = (document.get("metadata") or {}).get("name", "<no name>")
+            try:
+                rendered += render_model(document, config, namespace=namespace)
+            except ValueError as exc:
+                raise RenderError(f"{path}: VLLMModel {name}: {exc}") from None
+    return rendered
+
+
+def to_yaml(rendered: Iterable[Rendered]) -> str:
+    """Multi-document YAML, each document preceded by its comment lines."""
+    parts = []
+    for item in rendered:
+        comment = "\n".join(f"# {line}" for line in item.comment.splitlines())
+        parts.append(f"---\n{comment}\n" + yaml.safe_dump(item.obj, sort_keys=False, default_flow_style=False))
+    return "".join(parts)
