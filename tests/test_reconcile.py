@@ -1,0 +1,361 @@
+"""Pure planning and status: what the reconcile loop decides for each actual state (no API, no kopf)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+import pytest
+
+from vllm_operator import builders, kube
+from vllm_operator import status as st
+from vllm_operator.config import Config
+from vllm_operator.model import VLLMModel
+from vllm_operator.reconcile import (
+    ANNOTATION_SPEC_HASH,
+    Apply,
+    Delete,
+    MemoryPlan,
+    Observed,
+    is_subset,
+    memory_plan,
+    plan_reconcile,
+    spec_hash,
+    transition_events,
+)
+
+NOW = datetime.datetime(2026, 11, 27, 21, 0, 0, tzinfo=datetime.timezone.utc)
+OLD = "a" * 40
+NEW = "b" * 40
+CONFIG = Config()
+
+
+def model(status: dict[str, Any] | None = None, generation: int = 1, **spec: Any) -> VLLMModel:
+    body = {
+        "apiVersion": "vllm-operator.io/v1alpha1",
+        "kind": "VLLMModel",
+        "metadata": {"name": "m", "namespace": "ns", "uid": "uid-1", "generation": generation},
+        "spec": {"model": "org/tiny", **spec},
+        "status": status or {},
+    }
+    return VLLMModel.from_body(body)
+
+
+def pvc(phase: str = "Bound", created: datetime.datetime = NOW) -> dict[str, Any]:
+    obj = builders.cache_pvc_for(model(), CONFIG)
+    assert obj is not None
+    obj["metadata"]["creationTimestamp"] = st.now_iso(created)
+    obj["status"] = {"phase": phase}
+    return obj
+
+
+def job(m: VLLMModel, phase: str, message: dict[str, Any] | None = None, *, stale: bool = False,
+        finished: datetime.datetime = NOW) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    """A cache Job in ``phase`` and its pod, whose termination message is ``message``."""
+    obj = builders.cache_job_for(m, CONFIG)
+    obj["metadata"]["uid"] = "job-uid-" + obj["metadata"]["name"]
+    obj["metadata"]["annotations"][ANNOTATION_SPEC_HASH] = "stale" if stale else spec_hash(obj)
+    status: dict[str, Any] = {"active": 1} if phase == "running" else {}
+    if phase == "succeeded":
+        status = {"succeeded": 1, "completionTime": st.now_iso(finished),
+                  "conditions": [{"type": "Complete", "status": "True"}]}  # fmt: skip
+    elif phase == "failed":
+        status = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+                                               "lastTransitionTime": st.now_iso(finished)}]}  # fmt: skip
+    obj["status"] = status
+    state: dict[str, Any] = {"running": {}}
+    if message is not None:
+        state = {"terminated": {"exitCode": 0 if message.get("ok") else 3, "message": json.dumps(message)}}
+    pod = {
+        "metadata": {"name": obj["metadata"]["name"] + "-x", "labels": {"job-name": obj["metadata"]["name"]},
+                     "ownerReferences": [{"uid": obj["metadata"]["uid"]}]},  # fmt: skip
+        "status": {"containerStatuses": [{"name": "cache", "image": "img", "state": state}]},
+    }
+    return obj, [pod]
+
+
+def ok(commit: str, revision: str = "main") -> dict[str, Any]:
+    return {"ok": True, "command": "cache", "model": "org/tiny", "revision": revision, "commit": commit,
+            "bytes": 3 * 2**20, "files": 4, "verified": True, "completedAt": "2026-11-27T20:59:00Z"}  # fmt: skip
+
+
+def failed(reason: str, message: str = "detail") -> dict[str, Any]:
+    return {"ok": False, "command": "cache", "model": "org/tiny", "revision": "main", "reason": reason,
+            "message": message}  # fmt: skip
+
+
+def deployment(m: VLLMModel, commit: str, ready: int = 1, replicas: int | None = None) -> dict[str, Any]:
+    obj = builders.deployment_for(m, CONFIG, commit)
+    obj["metadata"]["ownerReferences"] = [builders.owner_reference_for(m)]
+    obj["metadata"]["generation"] = 1
+    n = m.replicas if replicas is None else replicas
+    obj["spec"]["replicas"] = n
+    obj["status"] = {"observedGeneration": 1, "replicas": n, "updatedReplicas": n, "readyReplicas": ready}
+    return obj
+
+
+def service(m: VLLMModel) -> dict[str, Any]:
+    obj = builders.service_for(m, CONFIG)
+    obj["metadata"]["ownerReferences"] = [builders.owner_reference_for(m)]
+    return obj
+
+
+def observed(m: VLLMModel, *, jobs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = (),  # type: ignore[assignment]
+             **kw: Any) -> Observed:  # fmt: skip
+    kw.setdefault("pvc", pvc())
+    return Observed(now=NOW, jobs={j["metadata"]["name"]: j for j, _ in jobs},
+                    pods=kw.pop("pods", []) + [p for _, ps in jobs for p in ps], **kw)  # fmt: skip
+
+
+def kinds(actions: list[Any]) -> list[str]:
+    return [f"{type(a).__name__}:{a.obj['kind'] if isinstance(a, Apply) else a.resource.kind}" for a in actions]
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    found = st.find(status["conditions"], type_)
+    assert found is not None
+    return dict(found)
+
+
+# --- the flow, one actual state at a time ------------------------------------------------------------
+
+
+def test_new_model_creates_cache_pvc_and_job_first() -> None:
+    m = model()
+    plan = plan_reconcile(m, observed(m, pvc=None), CONFIG)
+    assert kinds(plan.actions) == ["Apply:PersistentVolumeClaim", "Apply:Job"]
+    pvc_obj = plan.actions[0].obj  # type: ignore[union-attr]
+    assert "ownerReferences" not in pvc_obj["metadata"], "Retain: the cache outlives the model"
+    job_obj = plan.actions[1].obj  # type: ignore[union-attr]
+    assert job_obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert [e.reason for e in plan.events] == ["CacheStarted"]
+    assert plan.status["phase"] == "Caching"
+    assert condition(plan.status, "Cached")["status"] == "False"
+    assert condition(plan.status, "Ready")["reason"] == "WaitingForCache"
+    assert "resolvedRevision" not in plan.status
+
+
+def test_delete_policy_gives_the_pvc_an_owner() -> None:
+    m = model(cache={"deletePolicy": "Delete"})
+    plan = plan_reconcile(m, observed(m, pvc=None), CONFIG)
+    assert plan.actions[0].obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"  # type: ignore[union-attr]
+
+
+def test_running_job_waits() -> None:
+    m = model()
+    plan = plan_reconcile(m, observed(m, jobs=[job(m, "running")]), CONFIG)
+    assert plan.actions == []
+    assert plan.status["phase"] == "Caching"
+
+
+def test_succeeded_job_deploys_its_commit_and_service() -> None:
+    m = model()
+    plan = plan_reconcile(m, observed(m, jobs=[job(m, "succeeded", ok(NEW))]), CONFIG)
+    assert kinds(plan.actions) == ["Apply:Deployment", "Apply:Service"]
+    dep = plan.actions[0].obj  # type: ignore[union-attr]
+    assert dep["metadata"]["annotations"][builders.ANNOTATION_COMMIT] == NEW
+    assert NEW in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert plan.status["resolvedRevision"] == NEW
+    assert plan.status["cache"] == {"commit": NEW, "revision": "main", "bytes": 3 * 2**20, "files": 4,
+                                    "verified": True, "completedAt": "2026-11-27T20:59:00Z", "claimName": "m-cache"}  # fmt: skip
+    assert plan.status["phase"] == "Loading"
+    assert condition(plan.status, "Cached")["status"] == "True"
+    assert "3.0 MiB" in condition(plan.status, "Cached")["message"]
+    assert [e.reason for e in plan.events] == ["Deployed"]
+
+
+def test_ready_deployment_is_left_alone_and_reported_ready() -> None:
+    m = model()
+    obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(m, NEW), service=service(m))
+    plan = plan_reconcile(m, obs, CONFIG)
+    assert plan.actions == []
+    assert plan.status["phase"] == "Ready"
+    assert condition(plan.status, "Ready")["status"] == "True"
+    assert plan.status["readyReplicas"] == 1
+    assert plan.status["endpoint"] == "http://m.ns.svc:8000/v1"
+    assert plan.status["selector"] == builders.selector_string(m)
+
+
+def test_revision_change_caches_first_and_keeps_the_old_deployment() -> None:
+    m = model(revision="v2", status={"resolvedRevision": OLD})
+    old = model()
+    obs = observed(m, jobs=[job(old, "succeeded", ok(OLD))], deployment=deployment(old, OLD), service=service(m))
+    plan = plan_reconcile(m, obs, CONFIG)
+    assert kinds(plan.actions) == ["Apply:Job"], "the Deployment is untouched until the new commit is cached"
+    assert "v2" in plan.actions[0].obj["spec"]["template"]["spec"]["containers"][0]["args"]  # type: ignore[union-attr]
+    assert plan.status["resolvedRevision"] == OLD
+    assert condition(plan.status, "Ready")["status"] == "True", "old pods keep serving"
+    assert plan.status["phase"] == "Caching"
+
+
+def test_revision_change_rolls_once_the_new_commit_is_cached() -> None:
+    m = model(revision="v2")
+    old = model()
+    jobs = [job(old, "succeeded", ok(OLD)), job(m, "succeeded", ok(NEW, "v2"))]
+    plan = plan_reconcile(m, observed(m, jobs=jobs, deployment=deployment(old, OLD), service=service(m)), CONFIG)
+    assert kinds(plan.actions) == ["Apply:Deployment"]
+    assert plan.actions[0].obj["metadata"]["annotations"][builders.ANNOTATION_COMMIT] == NEW  # type: ignore[union-attr]
+    assert plan.status["resolvedRevision"] == NEW
+    assert plan.status["phase"] == "Loading"
+
+
+def test_scale_copies_replicas_to_the_deployment() -> None:
+    m = model(replicas=3)
+    obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(model(), NEW), service=service(m))
+    plan = plan_reconcile(m, obs, CONFIG)
+    assert kinds(plan.actions) == ["Apply:Deployment"]
+    assert plan.actions[0].obj["spec"]["replicas"] == 3  # type: ignore[union-attr]
+    assert plan.events == [], "same commit: scaling is not a new deployment"
+
+
+def test_scaled_to_zero() -> None:
+    m = model(replicas=0)
+    obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(m, NEW, ready=0), service=service(m))
+    plan = plan_reconcile(m, obs, CONFIG)
+    assert condition(plan.status, "Ready")["reason"] == "ScaledToZero"
+    assert plan.status["phase"] == "Pending"
+
+
+def test_children_deleted_by_hand_come_back() -> None:
+    m = model()
+    plan = plan_reconcile(m, observed(m, jobs=[job(m, "succeeded", ok(NEW))]), CONFIG)
+    assert kinds(plan.actions) == ["Apply:Deployment", "Apply:Service"]
+
+
+def test_cached_revision_needs_no_new_job_after_the_job_is_gone() -> None:
+    m = model()
+    plan = plan_reconcile(m, observed(m, deployment=deployment(m, NEW), service=service(m)), CONFIG)
+    assert plan.actions == []
+    assert plan.status["resolvedRevision"] == NEW
+
+
+@pytest.mark.parametrize(
+    ("reason", "must_mention"),
+    [
+        ("GatedRepo", "spec.hfTokenSecretRef"),
+        ("Unauthorized", "spec.hfTokenSecretRef"),
+        ("RepoNotFound", "spec.model"),
+        ("RevisionNotFound", "spec.revision"),
+        ("InsufficientSpace", "spec.cache.size"),
+        ("SomethingNew", "detail"),
+    ],
+)
+def test_failed_cache_job_reports_reason_and_what_to_do(reason: str, must_mention: str) -> None:
+    m = model()
+    plan = plan_reconcile(m, observed(m, jobs=[job(m, "failed", failed(reason))]), CONFIG)
+    assert plan.actions == [], "a permanent failure is not retried until the spec changes"
+    assert plan.status["phase"] == "Failed"
+    cond = condition(plan.status, "Failed")
+    assert (cond["status"], cond["reason"]) == ("True", reason)
+    assert must_mention in cond["message"]
+    assert condition(plan.status, "Cached")["reason"] == "CacheFailed"
+
+
+def test_failed_job_is_replaced_once_the_spec_changes() -> None:
+    m = model(hfTokenSecretRef={"name": "hf"})
+    plan = plan_reconcile(m, observed(m, jobs=[job(m, "failed", failed("GatedRepo"), stale=True)]), CONFIG)
+    assert plan.actions == [Delete(kube.JOBS, "ns", builders.cache_job_name(m), "the spec changed since it failed")]
+
+
+def test_transient_failure_is_retried_after_a_while() -> None:
+    m = model()
+    recent = job(m, "failed", failed("HubUnavailable"), finished=NOW - datetime.timedelta(seconds=30))
+    assert plan_reconcile(m, observed(m, jobs=[recent]), CONFIG).actions == []
+    old = job(m, "failed", failed("HubUnavailable"), finished=NOW - datetime.timedelta(minutes=10))
+    assert kinds(plan_reconcile(m, observed(m, jobs=[old]), CONFIG).actions) == ["Delete:Job"]
+
+
+def test_image_pull_failure_of_the_cache_pod() -> None:
+    m = model()
+    j, pods = job(m, "running")
+    pods[0]["status"]["containerStatuses"][0]["state"] = {
+        "waiting": {"reason": "ImagePullBackOff", "message": "not found"}
+    }
+    plan = plan_reconcile(m, observed(m, jobs=[(j, pods)]), CONFIG)
+    cond = condition(plan.status, "Failed")
+    assert cond["reason"] == "ImagePullFailed" and "spec.imagePullSecrets" in cond["message"]
+
+
+def test_crash_looping_vllm_reports_the_pods_termination_message() -> None:
+    m = model()
+    crash = {"ok": False, "command": "serve", "reason": "OutOfMemory", "message": "lower spec.maxModelLen"}
+    pod = {
+        "metadata": {"name": "m-abc", "labels": builders.labels_for(m, "server")},
+        "status": {"containerStatuses": [{
+            "name": "vllm", "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 3, "message": json.dumps(crash)}},
+        }]},
+    }  # fmt: skip
+    obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(m, NEW, ready=0),
+                   service=service(m), pods=[pod])  # fmt: skip
+    plan = plan_reconcile(m, obs, CONFIG)
+    cond = condition(plan.status, "Failed")
+    assert cond["reason"] == "CrashLoopBackOff"
+    assert "OutOfMemory: lower spec.maxModelLen" in cond["message"] and "restarts: 4" in cond["message"]
+
+
+def test_pvc_not_bound_after_the_grace_period() -> None:
+    m = model()
+    fresh = plan_reconcile(m, observed(m, pvc=pvc("Pending"), jobs=[job(m, "running")]), CONFIG)
+    assert condition(fresh.status, "Failed")["status"] == "False", "WaitForFirstConsumer binds late"
+    stuck = pvc("Pending", created=NOW - datetime.timedelta(minutes=10))
+    plan = plan_reconcile(m, observed(m, pvc=stuck, jobs=[job(m, "running")]), CONFIG)
+    assert condition(plan.status, "Failed")["reason"] == "PVCNotBound"
+
+
+def test_existing_claim_is_used_and_checked() -> None:
+    m = model(cache={"existingClaim": "shared"})
+    plan = plan_reconcile(m, observed(m, pvc=None), CONFIG)
+    assert kinds(plan.actions) == ["Apply:Job"]
+    assert condition(plan.status, "Failed")["reason"] == "PVCNotFound"
+
+
+def test_memory_plan_lands_in_status() -> None:
+    m = model()
+    fits = MemoryPlan(st.FALSE, "DoesNotFit", "needs 20 GiB", {"fits": False, "weight_bytes": 1})
+    plan = plan_reconcile(m, observed(m, memory=fits), CONFIG)
+    assert condition(plan.status, "MemoryFits")["reason"] == "DoesNotFit"
+    assert plan.status["plan"] == {"fits": False, "weight_bytes": 1}
+
+
+async def test_memory_plan_is_unknown_without_a_gpu() -> None:
+    result = await memory_plan(model(), CONFIG)
+    assert (result.status, result.reason) == ("Unknown", "NoGPUSpecified")
+
+
+# --- status helpers ----------------------------------------------------------------------------------
+
+
+def test_last_transition_time_is_kept_while_status_holds() -> None:
+    before = st.merge_conditions([], [st.Condition("Ready", "False", "Loading")], generation=1, now=NOW)
+    later = NOW + datetime.timedelta(minutes=1)
+    same = st.merge_conditions(before, [st.Condition("Ready", "False", "Other")], generation=2, now=later)
+    assert same[0]["lastTransitionTime"] == before[0]["lastTransitionTime"]
+    assert same[0]["observedGeneration"] == 2
+    flipped = st.merge_conditions(before, [st.Condition("Ready", "True", "Serving")], generation=2, now=later)
+    assert flipped[0]["lastTransitionTime"] == st.now_iso(later)
+
+
+def test_status_patch_only_carries_changes() -> None:
+    assert st.status_patch({"phase": "Ready", "kopf": {}}, {"phase": "Ready"}) == {}
+    assert st.status_patch({"phase": "Ready", "endpoint": "x"}, {"phase": "Loading"}) == {
+        "phase": "Loading",
+        "endpoint": None,
+    }
+
+
+def test_events_only_on_transitions() -> None:
+    m = model()
+    loading = plan_reconcile(m, observed(m, jobs=[job(m, "succeeded", ok(NEW))]), CONFIG).status
+    ready_obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(m, NEW), service=service(m))
+    ready = plan_reconcile(m, ready_obs, CONFIG).status
+    assert [e.reason for e in transition_events(m, {}, loading)] == ["CacheFinished"]
+    assert [e.reason for e in transition_events(m, loading, ready)] == ["Ready"]
+    assert transition_events(m, ready, ready) == []
+
+
+def test_is_subset_tolerates_server_defaults_and_quantity_text() -> None:
+    assert is_subset({"a": {"b": 1}, "l": [{"x": 1}]}, {"a": {"b": "1", "c": 2}, "l": [{"x": 1, "y": 0}]})
+    assert not is_subset({"l": [1, 2]}, {"l": [1]})
+    assert not is_subset({"a": {"b": 1}}, {"a": {"b": 2}})
