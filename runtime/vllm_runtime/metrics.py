@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -118,6 +117,8 @@ def accelerator_type(nvml: Nvml | None = None) -> str:
 
 def process_tree_rss(pid: int) -> int | None:
     """Resident memory of a process and all its descendants (vLLM runs its engine in child processes)."""
+    import psutil  # imported here: the GPU check runs this module where psutil may be absent
+
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
