@@ -174,6 +174,11 @@ class RequestRecord:
     fault: str | None
 
     @property
+    def is_client_telemetry(self) -> bool:
+        """huggingface_hub's own once-a-day fetch of its agent registry (not about any repo)."""
+        return self.path == "/api/agent-harnesses"
+
+    @property
     def is_file_content(self) -> bool:
         """A GET of a file's contents (what a warm cache must never do)."""
         return self.method == "GET" and "/resolve/" in self.path
@@ -289,6 +294,10 @@ class DevHub:
         with self._lock:
             return list(self.requests)
 
+    def repo_requests(self) -> list[RequestRecord]:
+        """Every logged request about repos (leaves out huggingface_hub's client-telemetry fetch)."""
+        return [r for r in self.log_snapshot() if not r.is_client_telemetry]
+
     def content_gets(self, filename: str | None = None) -> list[RequestRecord]:
         """GETs of file contents, optionally only of files whose path ends with ``filename``."""
         return [
@@ -349,7 +358,9 @@ class _HubHandler(BaseHTTPRequestHandler):
                     raise HubError(fault.status, None, f"injected {fault.status}")
                 elif fault.kind == "rate_limit":
                     raise HubError(429, None, "injected rate limit", {"Retry-After": f"{fault.retry_after:g}"})
-            if m := _API_RE.match(raw_path):
+            if raw_path == "/api/agent-harnesses":  # huggingface_hub's daily client-detection fetch
+                self._send_json({"standardEnvVars": [], "harnesses": {}})
+            elif m := _API_RE.match(raw_path):
                 self._api(m, query)
             elif m := _RESOLVE_RE.match(raw_path):
                 self._resolve(method, m, fault)
