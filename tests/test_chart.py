@@ -91,6 +91,11 @@ def test_operator_deployment_is_one_recreated_restricted_pod_with_probes() -> No
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["port"] in ports, probe
     assert f"--liveness=http://0.0.0.0:{ports['health']}/healthz" in container["args"]
+    # The operator's own command line accepts the chart's arguments.
+    from vllm_operator.cli import build_parser
+
+    parsed = build_parser().parse_args(container["args"])
+    assert parsed.command == "run" and parsed.liveness.endswith(f":{ports['health']}/healthz")
     assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
     # Pod Security Standards "restricted".
     security = container["securityContext"]

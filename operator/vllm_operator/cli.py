@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch this namespace (repeatable; default: VLLM_OPERATOR_NAMESPACES, else all namespaces)",
     )  # fmt: skip
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch all namespaces")
+    run.add_argument(
+        "--liveness", metavar="URL", default=None,
+        help="serve kopf's liveness probe here, e.g. http://0.0.0.0:8081/healthz (the Helm chart's probes use it)",
+    )  # fmt: skip
     run.set_defaults(func=_run)
 
     render = commands.add_parser(
@@ -52,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     namespaces: tuple[str, ...] = () if args.all_namespaces else (tuple(args.namespace) or config.namespaces)
     # Imported here: rendering and printing the CRD need neither kopf nor a cluster.
     runner = importlib.import_module("vllm_operator.runner")
-    result = runner.run(config, namespaces)
+    result = runner.run(config, namespaces, liveness_endpoint=args.liveness)
     return int(result or 0)
 
 
