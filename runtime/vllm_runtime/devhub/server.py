@@ -203,6 +203,7 @@ class DevHub:
         self.faults: list[Fault] = []
         self.requests: list[RequestRecord] = []
         self._lock = threading.Lock()
+        self._active = 0  # requests being handled
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -286,6 +287,16 @@ class DevHub:
         with self._lock:
             self.faults.clear()
 
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no request is being handled (a handler logs its request when it finishes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._active == 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
     def clear_log(self) -> None:
         with self._lock:
             self.requests.clear()
@@ -348,6 +359,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         raw_path, query = split.path, parse_qs(split.query)
         path = unquote(raw_path)
+        with self.hub._lock:
+            self.hub._active += 1
         try:
             fault = self.hub._take_fault(method, path)
             if fault is not None:
@@ -383,6 +396,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                     fault=self._fault_kind,
                 )
             )
+            with self.hub._lock:
+                self.hub._active -= 1
 
     def _repo(self, org: str, name: str) -> Repo:
         repo_id = f"{unquote(org)}/{unquote(name)}"
@@ -540,7 +555,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.wfile.write(chunk)
             self._sent += len(chunk)
             remaining -= len(chunk)
-            if throttle:
+            if throttle and remaining > 0:
                 ahead = self._sent / throttle - (time.monotonic() - began)
                 if ahead > 0 and self.hub._stopping.wait(ahead):
                     break
