@@ -1,0 +1,322 @@
+"""Cache management: ``vllm-runtime ls``, ``rm`` and ``gc`` on a cache volume.
+
+- ``ls --cache-dir D [--json]``: every cached commit (model, commit, revisions that led to it, size,
+  files, completed, last used, in use by), plus snapshots without a manifest (``complete: false``:
+  being cached, or left by a killed run).
+- ``rm --cache-dir D --model M [--revision C] [--force]``: remove one commit (or every commit of M).
+  The manifest goes first, so a crash midway never leaves a commit that looks complete; blobs shared
+  with other commits stay. A commit in use (see below) is refused without ``--force``.
+- ``gc --cache-dir D --max-size SIZE [--dry-run]``: evict least-recently-used commits that are not in
+  use until the blobs on the volume fit ``SIZE`` (``10Gi``, ``500MB``, bytes).
+
+"In use" and "last used" are defined in ``vllm_runtime.cache.usage``: ``vllm-runtime serve`` calls
+``mark_in_use(cache_dir, repo_id, commit)`` when it starts and at least every
+``LEASE_TTL_SECONDS / 3`` seconds while serving (``release`` when it stops). A lease not renewed for
+``LEASE_TTL_SECONDS`` (600 s) is stale and no longer protects the commit. The cache command and
+``mark_in_use`` both touch the commit's last-used time, which orders ``gc``'s evictions.
+Removal holds the commit's cache lock, so it never races a cache run of the same commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from vllm_runtime import summary
+from vllm_runtime.cache.manifest import list_manifests
+from vllm_runtime.cache.usage import (
+    LEASE_TTL_SECONDS,
+    in_use_by,
+    last_used,
+    mark_in_use,
+    release,
+)
+from vllm_runtime.layout import CacheLayout, is_commit, parse_model, repo_folder_name
+
+__all__ = ["CachedCommit", "gc", "list_cache", "mark_in_use", "parse_size", "register", "release", "remove"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``10Gi``, ``10GiB``, ``500M``, ``500MB``, ``1.5T`` or a plain number."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 50Gi, 500MB or a number of bytes)")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGTP".index((m.group(2) or " ").upper()))
+
+
+@dataclass
+class CachedCommit:
+    repo_id: str
+    commit: str
+    complete: bool
+    revisions: list[str] = field(default_factory=list)
+    bytes: int = 0
+    files: int = 0
+    completed_at: str | None = None
+    last_used: str | None = None
+    in_use_by: list[str] = field(default_factory=list)
+    weight_format: str | None = None
+    _last_used_ts: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("_last_used_ts")
+        return data
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _parse_iso(text: str | None) -> float:
+    if not text:
+        return 0.0
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def list_cache(cache_dir: str | Path, lease_ttl: float = LEASE_TTL_SECONDS) -> list[CachedCommit]:
+    """Every commit on the volume: complete ones from manifests, then incomplete snapshots."""
+    layout = CacheLayout(Path(cache_dir))
+    found: list[CachedCommit] = []
+    seen: set[tuple[str, str]] = set()
+    now = time.time()
+    for manifest in list_manifests(cache_dir):
+        repo_id, commit = str(manifest["repoId"]), str(manifest["commit"])
+        used = last_used(cache_dir, repo_id, commit) or _parse_iso(manifest.get("completedAt"))
+        found.append(
+            CachedCommit(
+                repo_id=repo_id, commit=commit, complete=True, revisions=list(manifest.get("revisions", [])),
+                bytes=int(manifest.get("bytes", 0)), files=int(manifest.get("fileCount", 0)),
+                completed_at=manifest.get("completedAt"), last_used=_iso(used),
+                in_use_by=in_use_by(cache_dir, repo_id, commit, lease_ttl, now),
+                weight_format=manifest.get("weightFormat"), _last_used_ts=used,
+            )
+        )
+        seen.add((repo_id, commit))
+    # Snapshots with no manifest; the repo id is recovered from the folder name (models--org--name).
+    for snapshot in sorted(layout.hub_cache.glob("models--*/snapshots/*")):
+        parts = snapshot.parent.parent.name.split("--")
+        if len(parts) != 3 or not is_commit(snapshot.name):
+            continue
+        repo_id = f"{parts[1]}/{parts[2]}"
+        if (repo_id, snapshot.name) in seen:
+            continue
+        files = [p for p in snapshot.rglob("*") if p.is_file()]
+        found.append(
+            CachedCommit(
+                repo_id=repo_id, commit=snapshot.name, complete=False, bytes=sum(p.stat().st_size for p in files),
+                files=len(files), in_use_by=in_use_by(cache_dir, repo_id, snapshot.name, lease_ttl, now),
+            )
+        )
+    return sorted(found, key=lambda c: (c.repo_id, c.completed_at or "", c.commit))
+
+
+def _blob_refs(layout: CacheLayout) -> dict[Path, set[tuple[str, str]]]:
+    """Blob path -> the (repo folder, commit) snapshots linking to it."""
+    refs: dict[Path, set[tuple[str, str]]] = {}
+    for snapshot in layout.hub_cache.glob("models--*/snapshots/*"):
+        for link in snapshot.rglob("*"):
+            if link.is_symlink() or link.is_file():
+                refs.setdefault(link.resolve(), set()).add((snapshot.parent.parent.name, snapshot.name))
+    return refs
+
+
+def cache_size(cache_dir: str | Path) -> int:
+    """Bytes of every blob on the volume (what gc bounds); shared blobs count once."""
+    layout = CacheLayout(Path(cache_dir))
+    return sum(p.stat().st_size for p in layout.hub_cache.glob("models--*/blobs/*") if p.is_file())
+
+
+def _remove_commit(layout: CacheLayout, repo_id: str, commit: str) -> int:
+    """Delete one commit; returns the bytes freed. The caller holds the commit's lock."""
+    folder = repo_folder_name(repo_id)
+    layout.manifest_path(repo_id, commit).unlink(missing_ok=True)  # first: never "complete" while half gone
+    repo_dir = layout.repo_dir(repo_id)
+    snapshot = repo_dir / "snapshots" / commit
+    refs = _blob_refs(layout)
+    freed = 0
+    if snapshot.exists():
+        own = {link.resolve() for link in snapshot.rglob("*") if link.is_symlink() or link.is_file()}
+        for blob in own:
+            if refs.get(blob, set()) <= {(folder, commit)} and blob.parent.name == "blobs" and blob.exists():
+                freed += blob.stat().st_size
+                blob.unlink()
+        shutil.rmtree(snapshot, ignore_errors=True)
+    for ref in (repo_dir / "refs").rglob("*"):
+        if ref.is_file() and ref.read_text().strip() == commit:
+            ref.unlink()
+    for leftover in (
+        repo_dir / "trees" / f"{commit}.json",
+        layout.state / "verified" / f"{folder}--{commit}.json",
+        layout.state / "last-used" / f"{folder}--{commit}",
+    ):
+        leftover.unlink(missing_ok=True)
+    snapshots_left = (repo_dir / "snapshots").exists() and any((repo_dir / "snapshots").iterdir())
+    if not snapshots_left:
+        shutil.rmtree(repo_dir, ignore_errors=True)
+        shutil.rmtree(layout.manifests / folder, ignore_errors=True)
+    return freed
+
+
+def remove(
+    cache_dir: str | Path, repo_id: str, commit: str | None = None, *, force: bool = False,
+    lease_ttl: float = LEASE_TTL_SECONDS, lock_timeout: float = 10.0,
+) -> list[tuple[str, int]]:
+    """Remove one commit (or all of ``repo_id``); returns (commit, bytes freed) pairs.
+
+    Raises LookupError when nothing matches, PermissionError when a commit is in use (without force),
+    TimeoutError when a cache run holds the commit's lock.
+    """
+    layout = CacheLayout(Path(cache_dir))
+    targets = [c for c in list_cache(cache_dir, lease_ttl) if c.repo_id == repo_id and commit in (None, c.commit)]
+    if not targets:
+        raise LookupError(f"{repo_id}{'@' + commit if commit else ''} is not in the cache at {cache_dir}")
+    busy = [c for c in targets if c.in_use_by]
+    if busy and not force:
+        holders = ", ".join(f"{c.commit[:12]} by {', '.join(c.in_use_by)}" for c in busy)
+        raise PermissionError(f"in use: {holders}; stop those pods first, or pass --force")
+    removed: list[tuple[str, int]] = []
+    for target in targets:
+        lock_path = layout.lock_path(repo_id, target.commit)
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with filelock.FileLock(str(lock_path), timeout=lock_timeout):
+                removed.append((target.commit, _remove_commit(layout, repo_id, target.commit)))
+        except filelock.Timeout:
+            raise TimeoutError(f"a cache run is working on {repo_id}@{target.commit}; try again later") from None
+        # The lock file stays: deleting it could let a waiter and a newcomer hold "the" lock at once.
+    return removed
+
+
+def gc(
+    cache_dir: str | Path, max_size: int, *, dry_run: bool = False, lease_ttl: float = LEASE_TTL_SECONDS
+) -> tuple[list[CachedCommit], int]:
+    """Evict least-recently-used complete commits not in use until the blobs fit ``max_size``.
+
+    Returns the evicted commits and the size after eviction (an estimate when ``dry_run``).
+    """
+    size = cache_size(cache_dir)
+    evicted: list[CachedCommit] = []
+    candidates = sorted(
+        (c for c in list_cache(cache_dir, lease_ttl) if c.complete and not c.in_use_by),
+        key=lambda c: c._last_used_ts,
+    )
+    for candidate in candidates:
+        if size <= max_size:
+            break
+        if dry_run:
+            size -= candidate.bytes
+        else:
+            try:
+                freed = sum(b for _, b in remove(cache_dir, candidate.repo_id, candidate.commit, lease_ttl=lease_ttl))
+            except (TimeoutError, PermissionError, LookupError) as error:
+                log.warning("gc skipped %s@%s: %s", candidate.repo_id, candidate.commit, error)
+                continue
+            size -= freed
+        evicted.append(candidate)
+    return evicted, max(size, 0)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    entries = list_cache(args.cache_dir, args.lease_ttl)
+    if args.json:
+        print(json.dumps([e.to_dict() for e in entries], indent=1))
+        return summary.EXIT_OK
+    if not entries:
+        print(f"no models cached in {args.cache_dir}")
+        return summary.EXIT_OK
+    rows = [("MODEL", "COMMIT", "REVISIONS", "SIZE", "FILES", "LAST USED", "IN USE", "STATE")]
+    for e in entries:
+        rows.append((
+            e.repo_id, e.commit[:12], ",".join(e.revisions) or "-", _human(e.bytes), str(e.files),
+            e.last_used or "-", ",".join(e.in_use_by) or "-", "complete" if e.complete else "incomplete",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(f"total on volume: {_human(cache_size(args.cache_dir))}")
+    return summary.EXIT_OK
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    try:
+        source = parse_model(args.model)
+        if source.repo_id is None:
+            raise ValueError(f"{args.model} is a volume path, not a cached Hub model")
+        if args.revision and not is_commit(args.revision):
+            raise ValueError(f"--revision must be a 40-hex commit (see `vllm-runtime ls`), got {args.revision!r}")
+        removed = remove(args.cache_dir, source.repo_id, args.revision, force=args.force, lease_ttl=args.lease_ttl)
+    except (ValueError, LookupError, PermissionError) as error:
+        print(f"rm: {error}", file=sys.stderr)
+        return summary.EXIT_PERMANENT
+    except TimeoutError as error:
+        print(f"rm: {error}", file=sys.stderr)
+        return summary.EXIT_RETRYABLE
+    for commit, freed in removed:
+        print(f"removed {args.model}@{commit} (freed {_human(freed)})")
+    return summary.EXIT_OK
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    before = cache_size(args.cache_dir)
+    evicted, after = gc(args.cache_dir, args.max_size, dry_run=args.dry_run, lease_ttl=args.lease_ttl)
+    verb = "would evict" if args.dry_run else "evicted"
+    for e in evicted:
+        print(f"{verb} {e.repo_id}@{e.commit} ({_human(e.bytes)}, last used {e.last_used})")
+    print(f"cache: {_human(before)} -> {_human(after)} (bound {_human(args.max_size)})")
+    if after > args.max_size:
+        print("gc: the commits left are in use or busy; the cache still exceeds --max-size", file=sys.stderr)
+        return summary.EXIT_RETRYABLE
+    return summary.EXIT_OK
+
+
+def register(subparsers: Any) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", required=True, help="the cache volume's mount")
+        p.add_argument("--lease-ttl", type=float, default=LEASE_TTL_SECONDS,
+                       help=f"seconds a serve lease stays fresh (default: {LEASE_TTL_SECONDS:.0f})")
+
+    ls = subparsers.add_parser("ls", help="list cached models and commits")
+    common(ls)
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=_cmd_ls)
+
+    rm = subparsers.add_parser("rm", help="remove a cached commit (or all commits of a model)")
+    common(rm)
+    rm.add_argument("--model", required=True, help="org/name")
+    rm.add_argument("--revision", help="the 40-hex commit to remove (default: every commit of the model)")
+    rm.add_argument("--force", action="store_true", help="remove even if a serving pod holds a lease")
+    rm.set_defaults(func=_cmd_rm)
+
+    gc_parser = subparsers.add_parser("gc", help="evict least-recently-used commits not in use")
+    common(gc_parser)
+    gc_parser.add_argument("--max-size", required=True, type=parse_size, help="bound, e.g. 100Gi")
+    gc_parser.add_argument("--dry-run", action="store_true", help="only print what would be evicted")
+    gc_parser.set_defaults(func=_cmd_gc)
