@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -111,7 +112,8 @@ def main() -> int:
                 "kv_bytes_per_token": plan.kv_cache_bytes_per_token, "predicted_blocks": plan.num_blocks,
                 "vllm_blocks": real["num_gpu_blocks"], "vllm_block_size": real["block_size"],
                 "blocks_error": (plan.num_blocks - real["num_gpu_blocks"]) / real["num_gpu_blocks"],
-                "predicted_concurrency": plan.num_blocks * CPU_BLOCK_SIZE / max_len,
+                # vLLM's "maximum concurrency": block-rounded requests that fit in the pool.
+                "predicted_concurrency": plan.num_blocks / math.ceil(max_len / CPU_BLOCK_SIZE),
                 "predicted_whole_sequences": plan.max_concurrent_sequences,
                 "vllm_concurrency": real["max_concurrency"], "start_seconds": round(time.monotonic() - start, 1),
             }  # fmt: skip

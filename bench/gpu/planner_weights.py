@@ -37,12 +37,18 @@ CONFIG = {
     "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
     "torch_dtype": "bfloat16", "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
 }  # fmt: skip
+# A Qwen2.5-1.5B-shaped model (q/k/v biases, 2 KV heads, embeddings untied): 1.78 B parameters, 3.6 GB in bf16.
+QWEN_1_5B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
+    "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+    "max_position_embeddings": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}  # fmt: skip
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "I32": torch.int32, "F32": torch.float32}
 
 
 def write_model(root: Path, config: dict, dtype: str, quant: dict | None, shards: int) -> None:
     root.mkdir(parents=True)
-    spec = llama_like(config, dtype=dtype, quant=quant)
+    spec = llama_like(config, dtype=dtype, quant=quant, qkv_bias=config["model_type"] == "qwen2")
     names = list(spec)
     per = -(-len(names) // shards)
     weight_map = {}
@@ -105,10 +111,13 @@ def main() -> None:
     except Exception as exc:  # NVML is optional for the measurement itself
         info["nvml_error"] = str(exc)
     fp16 = {**CONFIG, "torch_dtype": "float16"}
+    qwen_fp16 = {**QWEN_1_5B, "torch_dtype": "float16"}
     cases = {
-        "bf16": ({**CONFIG}, "BF16", None, 2),
-        "gptq-4bit-g128": ({**fp16, "quantization_config": GPTQ}, "F16", GPTQ, 1),
-        "awq-4bit-g128": ({**fp16, "quantization_config": AWQ}, "F16", AWQ, 1),
+        "llama-1.1b-bf16": ({**CONFIG}, "BF16", None, 2),
+        "llama-1.1b-gptq-4bit-g128": ({**fp16, "quantization_config": GPTQ}, "F16", GPTQ, 1),
+        "llama-1.1b-awq-4bit-g128": ({**fp16, "quantization_config": AWQ}, "F16", AWQ, 1),
+        "qwen-1.5b-bf16": ({**QWEN_1_5B}, "BF16", None, 2),
+        "qwen-1.5b-gptq-4bit-g128": ({**qwen_fp16, "quantization_config": GPTQ}, "F16", GPTQ, 1),
     }
     rows = []
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
@@ -117,8 +126,12 @@ def main() -> None:
             write_model(root, config, dtype, quant, shards)
             plan = plan_model(str(root), gpu_memory_bytes=info["total_memory_bytes"])
             m = measure(root)
-            err = (plan.weight_bytes - m["allocated_bytes"]) / m["allocated_bytes"]
-            rows.append({"model": name, "parameters": plan.parameters, "predicted_weight_bytes": plan.weight_bytes, **m, "error": err})
+            rows.append({
+                "model": name, "parameters": plan.parameters,
+                "predicted_stored_bytes": plan.weight_bytes, "predicted_allocated_bytes": plan.weight_bytes_allocated, **m,
+                "stored_vs_allocated_error": (plan.weight_bytes - m["allocated_bytes"]) / m["allocated_bytes"],
+                "predicted_vs_allocated_error": (plan.weight_bytes_allocated - m["allocated_bytes"]) / m["allocated_bytes"],
+            })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     result = {**info, "torch": torch.__version__, "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)

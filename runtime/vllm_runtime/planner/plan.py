@@ -217,10 +217,12 @@ def _evaluate(
         )
         fits = False
     else:
-        reason = (
-            f"fits: {gib(weight_per_gpu)} weights + {gib(overhead.total)} overhead per GPU leave {gib(kv_room)} "
-            f"of KV cache, {tokens_in_flight} tokens in flight = {concurrent} concurrent sequences of {length} tokens"
+        room = (
+            f"{gib(kv_room)} of KV cache (fixed by kv_cache_memory_bytes)"
+            if kv_cache_memory_bytes is not None
+            else f"{gib(weight_per_gpu)} weights + {gib(overhead.total)} overhead per GPU leave {gib(kv_room)} of KV cache"
         )
+        reason = f"fits: {room}, {tokens_in_flight} tokens in flight = {concurrent} concurrent sequences of {length} tokens"
         fits = True
     if length is not None and length > model_max:
         fits = False
