@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -343,3 +344,11 @@ def _example(prop: dict[str, Any]) -> Any:
     if "http" in pattern:
         return "https://example"
     return "1Gi" if "Gi" in pattern else "x"
+
+
+def test_dashboard_json_is_what_its_generator_writes() -> None:
+    generator = CHART / "files" / "dashboards" / "generate.py"
+    result = subprocess.run([sys.executable, str(generator), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, f"vllm-models.json is stale: run python {generator.relative_to(ROOT)}"
+    with helm.Chart.load(CHART) as chart:
+        assert not [f["name"] for f in chart.files if f["name"].endswith(".py")], "the generator stays out of the chart"
