@@ -240,3 +240,21 @@ def test_local_directory_is_validated_not_downloaded(tiny_model_dir: Path, tmp_p
 
     missing = cache_in_process(cache, "pvc://models/llama", endpoint="http://127.0.0.1:9")
     assert not missing.ok and missing.reason == "InvalidModel" and "/models/models/llama" in (missing.message or "")
+
+
+def test_vllm_runtime_cli_runs_cache_and_ls(
+    devhub: DevHub, tiny_repo: tuple[str, str], hub_environ: dict[str, str], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from vllm_runtime import cli
+
+    cache = tmp_path / "cache"
+    termination = tmp_path / "termination-log"
+    code = cli.main(["cache", "--model", tiny_repo[0], "--cache-dir", str(cache),
+                     "--termination-message-path", str(termination)])
+    assert code == summary.EXIT_OK
+    message = summary.parse_termination_message(termination.read_text())
+    assert message is not None and message["commit"] == tiny_repo[1]
+    capsys.readouterr()
+    assert cli.main(["ls", "--cache-dir", str(cache), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["commit"] == tiny_repo[1]
