@@ -153,7 +153,7 @@ def test_run_calls_the_runner_with_namespaces(
 ) -> None:
     calls: list[tuple[Config, tuple[str, ...]]] = []
     fake = types.ModuleType("vllm_operator.runner")
-    fake.run = lambda config, ns: calls.append((config, ns))  # type: ignore[attr-defined]
+    fake.run = lambda config, ns, **kwargs: calls.append((config, ns))  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "vllm_operator.runner", fake)
     monkeypatch.delenv("VLLM_OPERATOR_NAMESPACES", raising=False)
     for key, value in env.items():
