@@ -251,6 +251,8 @@ def test_probes_use_the_runtime_endpoints_and_allow_a_long_start() -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/live", "port": "metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] == 1800
+    dep = builders.deployment_for(make(), Config(startup_timeout_seconds=1800), COMMIT)
+    assert dep["spec"]["progressDeadlineSeconds"] > 1800  # a long first start is not a stuck rollout
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": 8000, "metrics": 9090}
 
@@ -357,6 +359,7 @@ def test_pods_meet_restricted_pod_security(spec: dict[str, Any]) -> None:
         pod = obj["spec"]["template"]["spec"]
         assert restricted_violations(pod) == []
         assert pod["automountServiceAccountToken"] is False  # pods need no API rights
+        assert pod["enableServiceLinks"] is False  # a Service named "vllm" would set VLLM_PORT
         assert pod["securityContext"]["fsGroup"] == CONFIG.run_as_user
 
 

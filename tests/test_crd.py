@@ -103,12 +103,19 @@ def test_schema_is_structural() -> None:
     assert _structural_problems(crd.version_schema(), "", root=True) == []
 
 
+@pytest.mark.parametrize("version", ["1.29.0", "1.32.0", "1.35.0"])
+def test_crd_object_validates_against_official_schemas(version: str) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(crd.load_crd(), version, strict=True)
+
+
 def test_every_cel_rule_compiles_names_a_field_and_iterates_only_bounded_lists() -> None:
     rules = list(cel_eval.all_rules())
     assert len(rules) >= 25
     for path, rule in rules:
         cel_eval.compile_rule(rule["rule"])
         message = rule["message"]
+        assert "\n" not in message and len(message) <= 1024, f"{path}: the API server refuses this message"
         assert re.search(r"\b(spec|metadata)\.[A-Za-z]", message), f"{path}: message names no field: {message}"
     # The API server estimates each rule's cost: lists a rule iterates need maxItems, their strings maxLength.
     schema = crd.spec_schema()

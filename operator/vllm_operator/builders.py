@@ -219,6 +219,7 @@ def cache_job_for(model: VLLMModel, config: Config, revision: str | None = None)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
         "securityContext": _pod_security_context(config),
         "containers": [container],
         "volumes": _volumes(model, config, shm=False),
@@ -307,6 +308,9 @@ def deployment_for(model: VLLMModel, config: Config, commit: str) -> dict[str, A
         container["resources"] = resources
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # model pods need no Kubernetes API rights
+        # Service links would put e.g. VLLM_PORT=tcp://... into the environment when a Service is
+        # named "vllm", and vLLM reads VLLM_PORT as its own setting and refuses to start.
+        "enableServiceLinks": False,
         "securityContext": _pod_security_context(config),
         "containers": [container],
         "volumes": _volumes(model, config, shm=True),
@@ -322,6 +326,9 @@ def deployment_for(model: VLLMModel, config: Config, commit: str) -> dict[str, A
         "metadata": _metadata(model, deployment_name(model), COMPONENT_SERVER, annotations),
         "spec": {
             "replicas": model.replicas,
+            # A first start may load and compile for up to startup_timeout_seconds; until then the
+            # rollout is progressing, not stuck (plus time to pull the large vLLM image).
+            "progressDeadlineSeconds": config.startup_timeout_seconds + 600,
             "selector": {"matchLabels": selector_for(model)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
