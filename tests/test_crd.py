@@ -346,3 +346,27 @@ def test_validation_does_not_modify_its_input() -> None:
     before = copy.deepcopy(body)
     cel_eval.validate(body)
     assert body == before
+
+
+def test_wheel_carries_the_crd_and_the_installed_package_reads_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("hatchling")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert (site / "vllm_operator" / "crds" / "vllmmodel.yaml").read_text() == (ROOT / "crds" / "vllmmodel.yaml").read_text()
+    probe = subprocess.run(
+        [sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+         "from vllm_operator import crd; print(crd.crd_path())", str(site)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == str(site / "vllm_operator" / "crds" / "vllmmodel.yaml")
