@@ -67,8 +67,20 @@ def test_model_view_names_spec_model_when_bad(body: dict[str, Any]) -> None:
 )  # fmt: skip
 def test_gpus_per_pod_follow_tensor_parallel_size(tp: int | str, status: dict[str, Any], gpus: int) -> None:
     m = make(status=status, tensorParallelSize=tp, gpu={"type": "H100"})
-    resources = container(builders.deployment_for(m, CONFIG, COMMIT))["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == gpus
+    c = container(builders.deployment_for(m, CONFIG, COMMIT))
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    # vLLM is told the same number of GPUs the pod gets.
+    assert vllm_args.settings_from_flags(c["args"][c["args"].index("--") + 1 :])["tensorParallelSize"] == gpus
+
+
+@pytest.mark.parametrize(
+    ("status", "max_model_len"),
+    [({}, None), ({"plan": {"max_model_len": 12288}}, 12288), ({"plan": {"maxModelLen": 8192}}, 8192)],
+)
+def test_auto_context_length_uses_the_plan_once_known(status: dict[str, Any], max_model_len: int | None) -> None:
+    m = make(status=status, maxModelLen="auto", gpu={"type": "L4"})
+    c = container(builders.deployment_for(m, CONFIG, COMMIT))
+    assert vllm_args.settings_from_flags(c["args"][c["args"].index("--") + 1 :]).get("maxModelLen") == max_model_len
 
 
 # --- labels and names --------------------------------------------------------------------------------

@@ -263,7 +263,7 @@ def deployment_for(model: VLLMModel, config: Config, commit: str) -> dict[str, A
     Pods serve offline from the cache (``HF_HUB_OFFLINE=1``); a new commit changes the pod
     template, so Kubernetes rolls with maxUnavailable 0: old pods serve until new ones are ready.
     """
-    flags = vllm_args.vllm_flags(model.spec)
+    flags = vllm_args.vllm_flags(model.serving_spec)
     args = [
         "serve",
         "--model", model.model_argument,

@@ -58,16 +58,32 @@ class VLLMModel:
     def replicas(self) -> int:
         return int(self.spec.get("replicas", 1))
 
+    def planned(self, field: str) -> Any:
+        """A value from the memory planner's ``status.plan`` (camelCase or the planner's snake_case), or None."""
+        plan: Mapping[str, Any] = self.status.get("plan") or {}
+        snake = "".join(f"_{c.lower()}" if c.isupper() else c for c in field)
+        value = plan.get(field)
+        return value if value is not None else plan.get(snake)
+
     @property
     def tensor_parallel_size(self) -> int:
         """GPUs per replica. ``"auto"`` means the planner's choice (``status.plan``), else 1."""
         value = self.spec.get("tensorParallelSize", 1)
         if value == "auto":
-            planned = (self.status.get("plan") or {}).get("tensorParallelSize") or (
-                self.status.get("plan") or {}
-            ).get("tensor_parallel_size")
+            planned = self.planned("tensorParallelSize")
             return int(planned) if planned else 1
         return int(value)
+
+    @property
+    def serving_spec(self) -> dict[str, Any]:
+        """The spec with ``"auto"`` sizes replaced by the planner's choices once known, so vLLM's
+        flags and the pod's GPU request agree (an unknown ``auto`` is left to vLLM's defaults)."""
+        spec = dict(self.spec)
+        if spec.get("tensorParallelSize") == "auto":
+            spec["tensorParallelSize"] = self.tensor_parallel_size
+        if spec.get("maxModelLen") == "auto" and self.planned("maxModelLen"):
+            spec["maxModelLen"] = int(self.planned("maxModelLen"))
+        return spec
 
     @property
     def cache(self) -> dict[str, Any]:
