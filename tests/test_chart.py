@@ -352,3 +352,16 @@ def test_dashboard_json_is_what_its_generator_writes() -> None:
     assert result.returncode == 0, f"vllm-models.json is stale: run python {generator.relative_to(ROOT)}"
     with helm.Chart.load(CHART) as chart:
         assert not [f["name"] for f in chart.files if f["name"].endswith(".py")], "the generator stays out of the chart"
+
+
+def test_chart_versions_and_images_follow_the_project() -> None:
+    import tomllib
+
+    from vllm_operator.config import Config
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]
+    env = one(render_objects(), "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    runtime_image = {e["name"]: e.get("value") for e in env}["VLLM_OPERATOR_RUNTIME_IMAGE"]
+    assert runtime_image == Config().runtime_image, "the chart and the operator default to the same runtime image"
