@@ -15,7 +15,7 @@ import argparse
 from vllm_runtime.planner import check_gpu_before_start, plan_from_facts, plan_model
 from vllm_runtime.planner import arch, gpus, quant
 from vllm_runtime.planner import cli as planner_cli
-from vllm_runtime.planner.sources import choose_weight_files, load_local, load_summary
+from vllm_runtime.planner.sources import ModelFacts, TensorSpec, choose_weight_files, load_local, load_summary
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 
@@ -285,3 +285,39 @@ def test_check_gpu_before_start(local_model: Path) -> None:
     tight = check_gpu_before_start(local_model, {}, free_bytes=[small], total_bytes=[small])
     assert tight.ok is False and "try:" in tight.reason
     assert check_gpu_before_start(local_model, {"tensorParallelSize": 2}, free_bytes=[total], total_bytes=[total]).ok is False
+
+
+def _facts(config: dict, tensors: dict) -> ModelFacts:  # type: ignore[type-arg]
+    return ModelFacts(model="synthetic", config=config, tensors={n: TensorSpec(d, tuple(s)) for n, (d, s) in tensors.items()})
+
+
+def test_fp8_and_bitsandbytes_checkpoints_count_exactly() -> None:
+    base = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 1,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 1000, "max_position_embeddings": 4096}  # fmt: skip
+    fp8 = _facts(
+        {**base, "quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8}}}}},
+        {"model.embed_tokens.weight": ("BF16", [1000, 4096]),
+         "model.layers.0.mlp.down_proj.weight": ("F8_E4M3", [4096, 14336]),
+         "model.layers.0.mlp.down_proj.weight_scale": ("F32", [4096, 1]),
+         "model.layers.0.mlp.down_proj.input_scale": ("F32", [1])},
+    )  # fmt: skip
+    plan = plan_from_facts(fp8)
+    assert plan.parameters == 1000 * 4096 + 4096 * 14336
+    assert plan.weight_bytes == 1000 * 4096 * 2 + 4096 * 14336 + 4096 * 4 + 4
+    assert plan.checkpoint_quantization == "compressed-tensors"
+    bnb = _facts(
+        {**base, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}},
+        {"model.layers.0.mlp.down_proj.weight": ("U8", [4096 * 14336 // 2, 1]),
+         "model.layers.0.mlp.down_proj.weight.absmax": ("F32", [4096 * 14336 // 64]),
+         "model.layers.0.mlp.down_proj.weight.quant_map": ("F32", [16])},
+    )  # fmt: skip
+    plan = plan_from_facts(bnb)
+    assert plan.parameters == 4096 * 14336
+    assert plan.weight_bytes == 4096 * 14336 // 2 + 4096 * 14336 // 64 * 4 + 64
+
+
+def test_summary_is_compact() -> None:
+    plan = plan_from_facts(facts("llama-3.1-70b"), gpu="H100", tensor_parallel_size="auto", max_model_len="auto")
+    digest = plan.summary()
+    assert len(json.dumps(digest)) < 1024
+    assert digest["fits"] is True and digest["chosen"]["tensorParallelSize"] == plan.tensor_parallel_size

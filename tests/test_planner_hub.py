@@ -49,3 +49,14 @@ def test_missing_repo_raises_the_hubs_typed_error(devhub: DevHub, tmp_path: Path
 
     with pytest.raises(RepositoryNotFoundError):
         plan_model("test-org/nothing", endpoint=devhub.url, cache_dir=tmp_path / "hub")
+
+
+def test_without_cache_dir_nothing_is_written(
+    devhub: DevHub, tiny_model_dir: Path, hub_environ: dict[str, str]
+) -> None:
+    devhub.add_repo("test-org/tiny", tiny_model_dir)
+    home = Path(hub_environ["HF_HOME"])
+    before = sorted(home.rglob("*"))
+    plan = plan_model("test-org/tiny", endpoint=devhub.url, gpu="L4")
+    assert plan.parameters > 0 and plan.fits is True
+    assert sorted(home.rglob("*")) == before

@@ -82,6 +82,29 @@ class Plan:
             out["overhead"] = {**asdict(self.overhead), "total": self.overhead.total}
         return out
 
+    def summary(self) -> dict[str, Any]:
+        """A compact camelCase digest for ``status.plan`` and the cache Job's termination message (< 1 KiB)."""
+        out: dict[str, Any] = {
+            "fits": self.fits,
+            "reason": self.reason[:300],
+            "gpu": self.gpu,
+            "gpuMemoryBytes": self.gpu_memory_bytes,
+            "tensorParallelSize": self.tensor_parallel_size,
+            "maxModelLen": self.max_model_len,
+            "parameters": self.parameters,
+            "weightBytes": self.weight_bytes,
+            "weightBytesPerGPU": self.weight_bytes_per_gpu,
+            "overheadBytesPerGPU": self.overhead_bytes_per_gpu,
+            "kvCacheBytesPerToken": self.kv_cache_bytes_per_token,
+            "kvCacheBytes": self.kv_cache_bytes,
+            "maxTokensInFlight": self.max_tokens_in_flight,
+            "maxConcurrentSequences": self.max_concurrent_sequences,
+            "suggestions": [s[:200] for s in self.suggestions[:3]],
+        }
+        if self.chosen:
+            out["chosen"] = dict(self.chosen)
+        return out
+
 
 def estimate_overhead(
     config: dict[str, Any],

@@ -133,10 +133,13 @@ def load_hub(
     """Facts from a Hub repo: config.json and the index through huggingface_hub's cache, headers by Range.
 
     ``endpoint`` defaults to huggingface_hub's (``HF_ENDPOINT``); ``token`` to its usual lookup.
+    With ``cache_dir`` the JSON files go through huggingface_hub's cache there; without, nothing is
+    written to disk (the operator's case).
     Errors are huggingface_hub's typed errors (RepositoryNotFoundError, GatedRepoError,
     RevisionNotFoundError, ...) so callers can tell a bad spec from an unreachable Hub.
     """
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, get_session, hf_hub_download, hf_hub_url, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # public, not re-exported
 
     api = HfApi(endpoint=endpoint, token=token)
     commit = revision if _COMMIT_RE.match(revision) else api.model_info(repo_id, revision=revision).sha
@@ -145,10 +148,22 @@ def load_hub(
     files = api.list_repo_files(repo_id, revision=commit)
 
     def fetch_json(filename: str) -> dict[str, Any]:
-        local = hf_hub_download(
-            repo_id, filename, revision=commit, endpoint=endpoint, token=token, cache_dir=cache_dir
-        )
-        return _read_json(Path(local), f"{repo_id}: {filename} could not be read")
+        if cache_dir is not None:
+            local = hf_hub_download(
+                repo_id, filename, revision=commit, endpoint=endpoint, token=token, cache_dir=cache_dir
+            )
+            return _read_json(Path(local), f"{repo_id}: {filename} could not be read")
+        # No cache given (the operator): read the small JSON straight into memory, write nothing to disk.
+        url = hf_hub_url(repo_id, filename, revision=commit, endpoint=endpoint)
+        response = get_session().get(url, headers=build_hf_headers(token=token), timeout=30)
+        hf_raise_for_status(response)
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise ModelSourceError(f"{repo_id}: {filename} is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ModelSourceError(f"{repo_id}: {filename} does not hold a JSON object")
+        return data
 
     if "config.json" not in files:
         raise ModelSourceError(f"{repo_id}@{commit} has no config.json: is it a transformers model repo?")
