@@ -18,8 +18,8 @@ from chart_render import CHART, NAMESPACE, RELEASE, ROOT, VALUE_SETS, by_kind, c
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is in the test extras")
 
 KUBERNETES_VERSIONS = ["1.29.0", "1.32.0", "1.35.0", "1.37.0"]
-# prometheus-operator's kinds are CRDs, not in the official Kubernetes schemas that kubernetes-validate ships;
-# PrometheusRule content is checked by promtool (test_alerts.py), monitors' selectors and ports below.
+# prometheus-operator's kinds are CRDs, not in the official Kubernetes schemas that kubernetes-validate ships:
+# they are validated against prometheus-operator's own types below (and the rules by promtool, test_alerts.py).
 NOT_IN_OFFICIAL_SCHEMAS = {"monitoring.coreos.com/v1"}
 # Variables the chart sets from dedicated values, not from `config`.
 CHART_MANAGED_CONFIG = {"runtime_image", "namespaces", "metrics_port"}
@@ -58,6 +58,29 @@ def test_every_rendered_object_validates_against_official_schemas(rendered: tupl
                 pytest.fail(f"{name}: {obj['kind']}/{obj['metadata']['name']} on {version}: {error.message}")
         checked += 1
     assert checked >= 5  # Deployment, Service, NetworkPolicy, RBAC at least
+
+
+def test_prometheus_operator_objects_validate_against_their_own_types(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """Typed models generated from prometheus-operator's CRDs: types and patterns checked, and nothing dropped
+    (a field the CRD does not know would vanish in the round trip, as the API server would prune it)."""
+    models = pytest.importorskip("cloudcoil.models.prometheus_operator.v1")
+    name, objects = rendered
+    for obj in objects:
+        if obj["apiVersion"] == "monitoring.coreos.com/v1":
+            model = getattr(models, obj["kind"]).model_validate(obj)
+            dumped = model.model_dump(by_alias=True, exclude_none=True, mode="json")
+            assert _contained(obj, dumped), f"{name}: {obj['kind']} has fields its CRD does not know"
+
+
+def _contained(given: Any, dumped: Any) -> bool:
+    """Every value in `given` is in `dumped` (which may add defaults)."""
+    if isinstance(given, dict):
+        return isinstance(dumped, dict) and all(k in dumped and _contained(v, dumped[k]) for k, v in given.items())
+    if isinstance(given, list):
+        return isinstance(dumped, list) and len(given) == len(dumped) and all(map(_contained, given, dumped))
+    return bool(given == dumped)
 
 
 def test_crd_in_chart_is_identical_to_crds_dir() -> None:
