@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         model=model, revision=cached["commit"], cache_dir=cache_dir, log_path=workdir / "serve.log",
         vllm_args=vllm_args, env=serve_env,
     )  # fmt: skip
-    out.write(f"[3/6] vllm-runtime serve {' '.join(server.command()[3:])}\n      (vLLM's log: {server.log_path}) ")
+    out.write(f"[3/6] vllm-runtime serve {' '.join(server.command()[len(RUNTIME) + 1 :])}\n      (vLLM's log: {server.log_path}) ")
     server.start()
     try:
         try:
@@ -312,6 +312,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _has_gpu() -> bool:
+    import logging
+
     from vllm_runtime.metrics import Nvml
 
+    logging.getLogger("vllm_runtime.metrics").setLevel(logging.WARNING)  # "no NVML" is expected here
     return bool(Nvml().devices())
