@@ -1,6 +1,6 @@
 {{/* What the operator does in a namespace it serves; the same rules for the ClusterRole and each Role. */}}
 {{- define "vllm-operator.modelRules" -}}
-# VLLMModels: watch them, keep kopf's finalizer and progress annotations, write status.
+# VLLMModels: watch them, keep kopf's progress annotations on them (no finalizer), write their status.
 - apiGroups: [vllm-operator.io]
   resources: [vllmmodels]
   verbs: [get, list, watch, patch]
