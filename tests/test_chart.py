@@ -203,7 +203,8 @@ def _assert_operator_rights(rules: list[dict[str, Any]]) -> None:
         assert {"get", "list", "create", "patch", "delete"} <= _grants(rules, resource.group, resource.plural)
     assert {"get", "list", "watch", "patch"} <= _grants(rules, kube.VLLMMODELS.group, kube.VLLMMODELS.plural)
     assert "patch" in _grants(rules, kube.VLLMMODELS.group, kube.VLLMMODELS.plural + "/status")
-    assert "create" in _grants(rules, "", "events")
+    assert _grants(rules, "", "events") == {"create"}
+    assert not _grants(rules, "", "namespaces")
     # Least rights: pods read only, no Secrets (tokens reach pods as secretKeyRef), no wildcards.
     assert _grants(rules, "", "pods") == {"get", "list", "watch"}
     assert not _grants(rules, "", "secrets")

@@ -21,10 +21,10 @@
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
-# Events on each VLLMModel.
-- apiGroups: ["", events.k8s.io]
+# Events on each VLLMModel (kopf posts core/v1 Events, create only).
+- apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 {{- end }}
 
 {{/* kopf watches CRDs to notice the VLLMModel resource appear or change. */}}
