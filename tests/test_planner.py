@@ -141,9 +141,13 @@ def test_llama_70b_does_not_fit_one_h100_and_says_what_would() -> None:
 def test_auto_tensor_parallel_picks_the_fewest_gpus_that_fit() -> None:
     plan = plan_from_facts(facts("llama-3.1-70b"), gpu="H100", tensor_parallel_size="auto", max_model_len=8192)
     assert plan.fits is True
-    assert plan.chosen == {"tensorParallelSize": 2}
-    one_fewer = plan_from_facts(facts("llama-3.1-70b"), gpu="H100", tensor_parallel_size=1, max_model_len=8192)
-    assert one_fewer.fits is False
+    chosen = plan.chosen["tensorParallelSize"]
+    assert chosen == plan.tensor_parallel_size and chosen in (2, 4)
+    for fewer in (1, 2, 4):
+        if fewer < chosen:
+            assert plan_from_facts(facts("llama-3.1-70b"), gpu="H100", tensor_parallel_size=fewer, max_model_len=8192).fits is False
+    on_h200 = plan_from_facts(facts("llama-3.1-70b"), gpu="H200", tensor_parallel_size="auto", max_model_len=8192)
+    assert on_h200.chosen == {"tensorParallelSize": 2}
 
 
 def test_suggested_max_model_len_is_the_boundary() -> None:
