@@ -131,6 +131,8 @@ def kv_dtype_bytes(kv_cache_dtype: str | None, config: dict[str, Any]) -> tuple[
             )
         return kv_cache_dtype, KV_DTYPE_BYTES[kv_cache_dtype]
     dtype = str(first(text_config(config), "torch_dtype", "dtype", default="bfloat16"))
+    if dtype in ("float32", "float"):
+        return "bfloat16", 2  # vLLM's dtype "auto" runs float32 checkpoints in 16 bits
     return dtype, MODEL_DTYPE_BYTES.get(dtype, 2)
 
 

@@ -108,7 +108,7 @@ def format_plan(plan: Plan) -> str:
             ("concurrent sequences", f"{plan.max_concurrent_sequences} at max model len"),
         ]  # fmt: skip
     verdict = {True: "FITS", False: "DOES NOT FIT", None: "no verdict"}[plan.fits]
-    rows.append(("verdict", f"{verdict}: {plan.reason}"))
+    rows.append(("verdict", f"{verdict}: {plan.reason.removeprefix('fits: ')}"))
     if plan.chosen:
         rows.append(("chosen", ", ".join(f"{k}={v}" for k, v in plan.chosen.items())))
     width = max(len(k) for k, _ in rows)
