@@ -2,7 +2,7 @@
 
 Checked against real scrapes, not a hand-kept list: the operator's /metrics endpoint, a running
 ``vllm-runtime cache`` (held mid-download by the loopback Hub), and, end to end, a model served by
-``vllm-runtime serve`` on real vLLM (the ``served_model`` fixture of tests/vllm_fixtures.py).
+``vllm-runtime serve`` on real vLLM (``served_tiny_model`` of tests/vllm_fixtures.py).
 A family that has no sample yet (a labelled metric nobody touched) counts: its ``# TYPE`` line is scraped.
 """
 
@@ -20,6 +20,7 @@ import pytest
 
 from cache_helpers import cache_command
 from chart_metrics import chart_metric_names, exported_names
+from vllm_fixtures import ServedModel
 from vllm_runtime.devhub.server import DevHub, Fault
 
 CHART_NAMES = chart_metric_names()
@@ -110,14 +111,9 @@ def test_cache_metrics_named_by_the_chart_are_exported_by_a_cache_run(cache_scra
 
 @pytest.mark.e2e
 def test_every_metric_named_by_the_chart_is_exported(
-    request: pytest.FixtureRequest, operator_scrape: str, cache_scrape: str
+    served_tiny_model: ServedModel, operator_scrape: str, cache_scrape: str
 ) -> None:
-    try:
-        served = request.getfixturevalue("served_model")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/vllm_fixtures.py has no served_model fixture yet")
-    url = served.metrics_url if served.metrics_url.endswith("/metrics") else served.metrics_url.rstrip("/") + "/metrics"
-    serve_scrape = _scrape(url)
+    serve_scrape = _scrape(served_tiny_model.metrics + "/metrics")
     exported = exported_names(operator_scrape) | exported_names(cache_scrape) | exported_names(serve_scrape)
     if "vllm_runtime_gpu_metrics_available 0" in serve_scrape:
         exported |= {n for n in _serve_metrics_on_a_gpu() if n.startswith("vllm_runtime_gpu_")}
