@@ -285,3 +285,12 @@ def test_cli_exit_codes_distinguish_permanent_and_retryable(
     assert run.returncode == summary.EXIT_RETRYABLE
     assert run.termination is not None and run.termination["reason"] == "HubUnavailable"
     assert run.termination["retryable"] is True
+
+
+def test_corrupted_small_file_is_caught_by_its_git_oid(
+    devhub: DevHub, tiny_repo: tuple[str, str], hub_environ: dict[str, str], tmp_path: Path
+) -> None:
+    devhub.inject(Fault("corrupt", path="*/resolve/*/config.json", method="GET", after_bytes=10, times=1))
+    result = cache_in_process(tmp_path / "cache", tiny_repo[0])
+    assert result.ok, result.message
+    assert [r.fault for r in devhub.content_gets("config.json")] == ["corrupt", None]

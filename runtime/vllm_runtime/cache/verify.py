@@ -2,7 +2,7 @@
 
 Every file is checked against what the Hub publishes for it: the LFS sha256 for LFS files (all
 weights), the git blob id (sha1 of ``blob <size>\\0<content>``) for small files. Both come out of
-one read. The sha256 goes into the manifest for every file.
+one read (the git id only for non-LFS files). The sha256 goes into the manifest for every file.
 
 The journal (``<cache>/state/verified/models--org--name--<commit>.json``) remembers files already
 verified (blob, size, mtime, sha256), so a run restarted after ``kill -9`` neither fetches nor
@@ -23,18 +23,22 @@ from vllm_runtime.cache.selection import HubFile
 READ_SIZE = 8 * 1024 * 1024
 
 
-def file_digests(path: Path) -> tuple[str, str]:
-    """(sha256, git blob sha1) of a file, in one pass."""
+def file_digests(path: Path, *, git_oid: bool = True) -> tuple[str, str | None]:
+    """(sha256, git blob sha1 or None) of a file, in one pass.
+
+    An LFS file's git oid is that of its pointer, not of its content, so callers skip it for LFS files.
+    """
     size = path.stat().st_size
     sha = hashlib.sha256()
-    git = hashlib.sha1(f"blob {size}\0".encode())  # noqa: S324 - git's object id, not for security
+    git = hashlib.sha1(f"blob {size}\0".encode()) if git_oid else None  # noqa: S324 - git's id, not security
     with path.open("rb", buffering=0) as f:
         buf = bytearray(READ_SIZE)
         view = memoryview(buf)
         while n := f.readinto(buf):
             sha.update(view[:n])
-            git.update(view[:n])
-    return sha.hexdigest(), git.hexdigest()
+            if git is not None:
+                git.update(view[:n])
+    return sha.hexdigest(), git.hexdigest() if git is not None else None
 
 
 class VerificationJournal:
@@ -81,7 +85,7 @@ class VerificationJournal:
 
 def verify_file(hub_file: HubFile, path: Path) -> tuple[bool, str]:
     """(matches what the Hub published, sha256 of the file)."""
-    sha256, git_oid = file_digests(path)
+    sha256, git_oid = file_digests(path, git_oid=hub_file.sha256 is None)
     if path.stat().st_size != hub_file.size:
         return False, sha256
     expected_ok = sha256 == hub_file.sha256 if hub_file.sha256 else git_oid == hub_file.git_oid
