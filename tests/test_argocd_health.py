@@ -3,6 +3,7 @@ in Argo CD's own test format, plus samples built by the operator's status code p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,27 @@ def test_stale_status_is_progressing_whatever_it_says() -> None:
 def test_argocd_cm_patch_embeds_the_same_lua() -> None:
     patch = yaml.safe_load((ARGOCD / "argocd-cm-patch.yaml").read_text())
     assert patch["data"]["resource.customizations.health.vllm-operator.io_VLLMModel"] == HEALTH_LUA
+
+
+def test_health_of_the_statuses_the_operator_writes() -> None:
+    """The check reads the statuses the operator's own planner produces (reconcile.plan_reconcile), not only
+    hand-written samples: a fresh model, a running cache, a cache that failed for good, a model that serves."""
+    from test_reconcile import CONFIG, NEW, deployment, failed, job, model, observed, ok, service
+
+    from vllm_operator.reconcile import plan_reconcile
+
+    def health_of(obs_kwargs: Callable[[Any], dict[str, Any]]) -> dict[str, str]:
+        m = model(generation=3)
+        plan = plan_reconcile(m, observed(m, **obs_kwargs(m)), CONFIG)
+        return health({"metadata": {"name": m.name, "generation": 3}, "status": plan.status})
+
+    assert health_of(lambda m: {"pvc": None})["status"] == "Progressing"
+    assert health_of(lambda m: {"jobs": [job(m, "running")]})["status"] == "Progressing"
+    gated = health_of(lambda m: {"jobs": [job(m, "failed", failed("GatedRepo"))]})
+    assert gated["status"] == "Degraded" and "spec.hfTokenSecretRef" in gated["message"]
+    serving = health_of(lambda m: {"jobs": [job(m, "succeeded", ok(NEW))], "deployment": deployment(m, NEW),
+                                   "service": service(m)})  # fmt: skip
+    assert serving["status"] == "Healthy" and NEW in serving["message"]
+    loading = health_of(lambda m: {"jobs": [job(m, "succeeded", ok(NEW))], "deployment": deployment(m, NEW, ready=0),
+                                   "service": service(m)})  # fmt: skip
+    assert loading["status"] == "Progressing"
