@@ -672,8 +672,8 @@ class Reconciler:
         a spec that can never work as given.
         """
         state = self._models.setdefault((namespace, name), _ModelState())
-        state.pending = False
         async with state.lock:
+            state.pending = False  # from here on, a new event needs a new run
             started = asyncio.get_running_loop().time()
             try:
                 phase = await self._reconcile(namespace, name, logger)
@@ -744,7 +744,7 @@ class Reconciler:
                 await self._act(action)
             except kube.ApiError as exc:
                 if exc.retryable:
-                    raise kopf.TemporaryError(f"{action}: {exc}", delay=5) from exc
+                    raise kopf.TemporaryError(f"{action}: {exc}", delay=2) from exc
                 rejected = _rejected_status(model, plan.status, f"{action}: {exc.message}", self._clock())
                 await self._write_status(body, rejected, logger)
                 raise kopf.TemporaryError(f"{action}: {exc}", delay=60) from exc
@@ -781,7 +781,7 @@ async def _api(call: Awaitable[Any]) -> Any:
         return await call
     except kube.ApiError as exc:
         if exc.retryable:
-            raise kopf.TemporaryError(str(exc), delay=5) from exc
+            raise kopf.TemporaryError(str(exc), delay=2) from exc
         raise
 
 

@@ -1,0 +1,52 @@
+"""Run the operator: kopf with this project's handlers, standalone (one replica, no peering).
+
+``run`` is the command line's entry; ``operator_task`` embeds the same operator in an event loop
+(the kmock tests run it against the API emulator with their own login).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+
+from . import handlers, kube
+from .config import Config
+
+
+def build_registry(
+    config: Config, namespaces: tuple[str, ...] = (), *, login: kube.Login | None = None
+) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, config=config, login=login, namespaces=namespaces)
+    return registry
+
+
+async def operator_task(
+    config: Config,
+    namespaces: tuple[str, ...] = (),
+    *,
+    login: kube.Login | None = None,
+    stop_flag: asyncio.Event | None = None,
+    ready_flag: asyncio.Event | None = None,
+    liveness_endpoint: str | None = None,
+) -> None:
+    """The operator as a coroutine: returns when ``stop_flag`` is set (or on a fatal error)."""
+    await kopf.operator(
+        registry=build_registry(config, namespaces, login=login),
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=list(namespaces),
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+        liveness_endpoint=liveness_endpoint,
+        memo=kopf.Memo(),
+    )
+
+
+def run(config: Config, namespaces: tuple[str, ...] = (), *, liveness_endpoint: str | None = None) -> int:
+    """Run until SIGINT/SIGTERM; all namespaces when ``namespaces`` is empty."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(operator_task(config, namespaces, liveness_endpoint=liveness_endpoint))
+    return 0

@@ -1,0 +1,345 @@
+"""The real operator (kopf + our handlers) against the kmock API emulator over HTTP.
+
+One operator runs for the whole module (stopping kopf takes seconds); each test works in its own
+namespace. What the emulator stands in for (garbage collector, Job and Deployment controllers,
+server-side apply, ...) is listed in ``kube_emulator``'s docstring. What it cannot show: real
+server-side apply field ownership, admission and CRD schema validation (tested in the CRD tests),
+pods actually running vLLM (the e2e tests), and the timing of a real rollout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import kmock
+import kopf
+import pytest
+import pytest_asyncio
+from kube_emulator import (
+    DEPLOYMENTS,
+    EVENTS,
+    HOLD,
+    JOBS,
+    PODS,
+    PVCS,
+    SERVICES,
+    VLLMMODELS,
+    CacheOutcome,
+    Fault,
+    KubeEmulator,
+    commit_for,
+)
+
+from vllm_operator import builders, runner
+from vllm_operator.config import Config
+from vllm_operator.model import VLLMModel
+
+pytestmark = [pytest.mark.kmock, pytest.mark.asyncio(loop_scope="module")]
+
+REPO = "org/tiny"
+TIMEOUT = 20.0
+
+
+class Operator:
+    """The operator embedded in the test's event loop; restartable."""
+
+    def __init__(self, config: Config, url: str) -> None:
+        self.config = config
+        self.url = url
+        self.task: asyncio.Task[None] | None = None
+        self.stop_flag = asyncio.Event()
+
+    async def login(self) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=self.url, insecure=True)
+
+    async def start(self) -> None:
+        self.stop_flag = asyncio.Event()
+        ready = asyncio.Event()
+        self.task = asyncio.create_task(
+            runner.operator_task(self.config, login=self.login, stop_flag=self.stop_flag, ready_flag=ready)
+        )
+        await asyncio.wait_for(ready.wait(), TIMEOUT)
+
+    async def stop(self) -> None:
+        assert self.task is not None
+        self.stop_flag.set()
+        try:
+            await asyncio.wait_for(self.task, 30)
+        except asyncio.CancelledError:  # kopf cancels its own tasks on the way out
+            pass
+        self.task = None
+
+
+class Cluster:
+    def __init__(self, emu: KubeEmulator, operator: Operator) -> None:
+        self.emu = emu
+        self.operator = operator
+
+    async def create(self, namespace: str, name: str, **spec: Any) -> None:
+        body = {"apiVersion": "vllm-operator.io/v1alpha1", "kind": "VLLMModel",
+                "metadata": {"name": name, "namespace": namespace}, "spec": {"model": REPO, **spec}}  # fmt: skip
+        await self._send("POST", f"/apis/vllm-operator.io/v1alpha1/namespaces/{namespace}/vllmmodels", body)
+
+    async def patch(self, namespace: str, name: str, patch: dict[str, Any], subresource: str = "") -> None:
+        path = f"/apis/vllm-operator.io/v1alpha1/namespaces/{namespace}/vllmmodels/{name}"
+        await self._send("PATCH", path + (f"/{subresource}" if subresource else ""), patch)
+
+    async def delete(self, namespace: str, name: str) -> None:
+        await self._send("DELETE", f"/apis/vllm-operator.io/v1alpha1/namespaces/{namespace}/vllmmodels/{name}", None)
+
+    async def _send(self, method: str, path: str, body: Any) -> None:
+        headers = {"Content-Type": "application/merge-patch+json" if method == "PATCH" else "application/json"}
+        data = None if body is None else json.dumps(body)
+        async with self.emu.request(method, path, data=data, headers=headers) as resp:
+            assert resp.status < 400, await resp.text()
+
+    def model(self, namespace: str, name: str) -> dict[str, Any]:
+        body = self.emu.read(VLLMMODELS, namespace, name)
+        assert body is not None
+        return body
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        return dict(self.model(namespace, name).get("status") or {})
+
+    def deployment_commit(self, namespace: str, name: str) -> str | None:
+        dep = self.emu.read(DEPLOYMENTS, namespace, name)
+        return None if dep is None else dep["metadata"]["annotations"][builders.ANNOTATION_COMMIT]
+
+    def event_reasons(self, namespace: str) -> set[str]:
+        return {str(self.emu.read(EVENTS, namespace, n)["reason"]) for n in self.emu.names(EVENTS, namespace)}  # type: ignore[index]
+
+    async def ready(self, namespace: str, name: str) -> dict[str, Any]:
+        await eventually(lambda: self.status(namespace, name).get("phase") == "Ready", f"{namespace}/{name} Ready")
+        return self.status(namespace, name)
+
+
+async def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (AssertionError, KeyError, TypeError):
+            pass
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.05)
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster() -> AsyncIterator[Cluster]:
+    async with KubeEmulator() as emu, kmock.Server(emu) as server:
+        # A long resync: convergence in these tests must come from watches and retries, not the timer.
+        config = Config(reconcile_interval_seconds=600, metrics_port=free_port())
+        operator = Operator(config, str(server.url).rstrip("/"))
+        await operator.start()
+        try:
+            yield Cluster(emu, operator)
+        finally:
+            if operator.task is not None:
+                await operator.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_request_log(cluster: Cluster) -> None:
+    cluster.emu.forget_requests()
+
+
+def job_name(namespace: str, name: str, revision: str = "main", **spec: Any) -> str:
+    body = {"metadata": {"name": name, "namespace": namespace}, "spec": {"model": REPO, "revision": revision, **spec}}
+    return builders.cache_job_name(VLLMModel.from_body(body))
+
+
+# --- the tests ---------------------------------------------------------------------------------------
+
+
+async def test_create_brings_up_every_child_and_ready_status(cluster: Cluster) -> None:
+    ns = "create"
+    await cluster.create(ns, "m")
+    status = await cluster.ready(ns, "m")
+    commit = commit_for(REPO, "main")
+    emu = cluster.emu
+    model_uid = cluster.model(ns, "m")["metadata"]["uid"]
+    assert emu.names(PVCS, ns) == ["m-cache"]
+    assert emu.names(JOBS, ns) == [job_name(ns, "m")]
+    assert emu.names(DEPLOYMENTS, ns) == ["m"] and emu.names(SERVICES, ns) == ["m"]
+    for resource, name in [(JOBS, job_name(ns, "m")), (DEPLOYMENTS, "m"), (SERVICES, "m")]:
+        obj = emu.read(resource, ns, name)
+        assert obj is not None and obj["metadata"]["ownerReferences"][0]["uid"] == model_uid
+    pvc = emu.read(PVCS, ns, "m-cache")
+    assert pvc is not None and "ownerReferences" not in pvc["metadata"], "Retain: no owner, the cache stays"
+    dep = emu.read(DEPLOYMENTS, ns, "m")
+    assert dep is not None and commit in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert status["resolvedRevision"] == commit
+    assert status["observedGeneration"] == 1
+    assert status["cache"]["commit"] == commit and status["cache"]["bytes"] == 5 * 2**20
+    assert status["cache"]["verified"] is True
+    assert status["readyReplicas"] == 1 and status["replicas"] == 1
+    assert status["endpoint"] == "http://m.create.svc:8000/v1"
+    assert status["selector"] == "app.kubernetes.io/name=vllm-model,app.kubernetes.io/instance=m,app.kubernetes.io/component=server"
+    for type_ in ("Cached", "Ready"):
+        assert condition(status, type_)["status"] == "True"
+    assert condition(status, "Failed")["status"] == "False"
+    assert condition(status, "MemoryFits")["status"] == "Unknown"
+    await eventually(lambda: {"CacheStarted", "CacheFinished", "Deployed", "Ready"} <= cluster.event_reasons(ns),
+                     "the step events")  # fmt: skip
+    assert not cluster.model(ns, "m")["metadata"].get("finalizers"), "owner references do the cleanup"
+
+
+async def test_operator_metrics_are_served(cluster: Cluster) -> None:
+    url = f"http://127.0.0.1:{cluster.operator.config.metrics_port}/metrics"
+    text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
+    assert 'vllm_operator_reconcile_total{result="success"}' in text
+    assert "vllm_operator_reconcile_duration_seconds_bucket" in text
+    assert 'vllm_operator_models{phase="Ready"}' in text
+    assert "vllm_operator_reconcile_errors_total" in text
+
+
+async def test_revision_change_caches_first_then_rolls(cluster: Cluster) -> None:
+    ns, emu = "update", cluster.emu
+    emu.outcomes["v2"] = HOLD
+    await cluster.create(ns, "m")
+    await cluster.ready(ns, "m")
+    old, new = commit_for(REPO, "main"), commit_for(REPO, "v2")
+    await cluster.patch(ns, "m", {"spec": {"revision": "v2"}})
+    new_job = job_name(ns, "m", "v2")
+    await eventually(lambda: emu.read(JOBS, ns, new_job) is not None, "the new cache Job")
+    await eventually(lambda: cluster.status(ns, "m").get("phase") == "Caching", "phase Caching")
+    # While the new commit is being cached the old Deployment serves, untouched.
+    status = cluster.status(ns, "m")
+    assert cluster.deployment_commit(ns, "m") == old
+    assert status["resolvedRevision"] == old and status["observedGeneration"] == 2
+    assert condition(status, "Ready")["status"] == "True"
+    assert condition(status, "Cached")["status"] == "False"
+    dep = emu.read(DEPLOYMENTS, ns, "m")
+    assert dep is not None and dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    await emu.finish_job(ns, new_job, CacheOutcome())
+    await eventually(lambda: cluster.deployment_commit(ns, "m") == new, "the Deployment rolled to the new commit")
+    status = await cluster.ready(ns, "m")
+    assert status["resolvedRevision"] == new and status["cache"]["revision"] == "v2"
+
+
+async def test_scale_through_the_scale_subresource(cluster: Cluster) -> None:
+    ns, emu = "scale", cluster.emu
+    await cluster.create(ns, "m")
+    await cluster.ready(ns, "m")
+    await cluster.patch(ns, "m", {"spec": {"replicas": 3}}, subresource="scale")
+    await eventually(lambda: emu.read(DEPLOYMENTS, ns, "m")["spec"]["replicas"] == 3, "Deployment scaled")  # type: ignore[index]
+    await eventually(lambda: cluster.status(ns, "m").get("readyReplicas") == 3, "status.readyReplicas 3")
+    assert cluster.status(ns, "m")["replicas"] == 3
+    assert cluster.deployment_commit(ns, "m") == commit_for(REPO, "main"), "scaling does not re-cache"
+    assert emu.names(JOBS, ns) == [job_name(ns, "m")]
+
+
+async def test_delete_removes_children_and_keeps_a_retained_cache(cluster: Cluster) -> None:
+    ns, emu = "delete", cluster.emu
+    await cluster.create(ns, "keep")
+    await cluster.create(ns, "drop", cache={"deletePolicy": "Delete"})
+    await cluster.ready(ns, "keep")
+    await cluster.ready(ns, "drop")
+    await cluster.delete(ns, "keep")
+    await cluster.delete(ns, "drop")
+    await eventually(lambda: not emu.names(DEPLOYMENTS, ns) and not emu.names(JOBS, ns), "children collected")
+    assert emu.names(VLLMMODELS, ns) == [], "no finalizer holds the models"
+    assert emu.names(SERVICES, ns) == [] and emu.names(PODS, ns) == []
+    assert emu.names(PVCS, ns) == ["keep-cache"], "Retain keeps the cache; Delete removes it"
+
+
+async def test_failing_cache_job_reports_why_and_recovers_once_fixed(cluster: Cluster) -> None:
+    ns, emu = "failing", cluster.emu
+    emu.outcomes["gated"] = CacheOutcome(ok=False, reason="GatedRepo", message="401 on a gated repo")
+    await cluster.create(ns, "m", revision="gated")
+    await eventually(lambda: cluster.status(ns, "m").get("phase") == "Failed", "phase Failed")
+    status = cluster.status(ns, "m")
+    failed = condition(status, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "GatedRepo"
+    assert "spec.hfTokenSecretRef" in failed["message"] and "401 on a gated repo" in failed["message"]
+    assert emu.names(DEPLOYMENTS, ns) == [], "nothing is deployed without a cached commit"
+    await eventually(lambda: "GatedRepo" in cluster.event_reasons(ns), "a Warning event")
+    # The fix: a token. The failed Job no longer matches the spec and is replaced.
+    emu.outcomes["gated"] = CacheOutcome()
+    await cluster.patch(ns, "m", {"spec": {"hfTokenSecretRef": {"name": "hf-token"}}})
+    status = await cluster.ready(ns, "m")
+    assert condition(status, "Failed")["status"] == "False"
+    job = emu.read(JOBS, ns, job_name(ns, "m", "gated"))
+    assert job is not None
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in env
+
+
+async def test_children_deleted_by_hand_come_back(cluster: Cluster) -> None:
+    ns, emu = "byhand", cluster.emu
+    await cluster.create(ns, "m")
+    await cluster.ready(ns, "m")
+    old_uid = emu.read(DEPLOYMENTS, ns, "m")["metadata"]["uid"]  # type: ignore[index]
+    await emu.remove(DEPLOYMENTS, ns, "m")
+    await emu.remove(SERVICES, ns, "m")
+    await eventually(lambda: emu.read(DEPLOYMENTS, ns, "m") is not None, "the Deployment is back")
+    await eventually(lambda: emu.read(SERVICES, ns, "m") is not None, "the Service is back")
+    assert emu.read(DEPLOYMENTS, ns, "m")["metadata"]["uid"] != old_uid  # type: ignore[index]
+    assert cluster.deployment_commit(ns, "m") == commit_for(REPO, "main")
+    await cluster.ready(ns, "m")
+
+
+async def test_api_faults_then_convergence(cluster: Cluster) -> None:
+    ns, emu = "faults", cluster.emu
+    faults = {
+        "GET model 500": Fault(2, 500),
+        "apply Deployment 500": Fault(3, 500),
+        "apply Job 409": Fault(1, 409, "Conflict"),
+        "status 409": Fault(2, 409, "Conflict"),
+    }
+    emu[kmock.action.FETCH, VLLMMODELS, kmock.namespace(ns)] << faults["GET model 500"]
+    emu[kmock.method.PATCH, DEPLOYMENTS, kmock.namespace(ns)] << faults["apply Deployment 500"]
+    emu[kmock.method.PATCH, JOBS, kmock.namespace(ns)] << faults["apply Job 409"]
+    emu[kmock.method.PATCH, VLLMMODELS, kmock.subresource("status"), kmock.namespace(ns)] << faults["status 409"]
+    await cluster.create(ns, "m")
+    await cluster.ready(ns, "m")
+    assert {name: f.served for name, f in faults.items() if f.left} == {}, "every fault was hit"
+    assert cluster.deployment_commit(ns, "m") == commit_for(REPO, "main")
+
+
+async def test_dropped_watch_then_convergence(cluster: Cluster) -> None:
+    ns, emu = "watchdrop", cluster.emu
+    await cluster.create(ns, "m")
+    await cluster.ready(ns, "m")
+    # The watch breaks, and the next reconnections fail too, while the spec changes.
+    reconnects = Fault(2, 500)
+    emu[kmock.action.WATCH, VLLMMODELS] << reconnects
+    assert emu.drop_watches(VLLMMODELS) >= 1
+    await cluster.patch(ns, "m", {"spec": {"replicas": 2}})
+    await eventually(lambda: emu.read(DEPLOYMENTS, ns, "m")["spec"]["replicas"] == 2, "the change after the drop")  # type: ignore[index]
+    await eventually(lambda: cluster.status(ns, "m").get("readyReplicas") == 2, "status follows")
+    assert reconnects.served == 2
+
+
+async def test_operator_restarted_mid_reconcile(cluster: Cluster) -> None:
+    ns, emu = "restart", cluster.emu
+    emu.outcomes["slow"] = HOLD
+    await cluster.create(ns, "m", revision="slow")
+    job = job_name(ns, "m", "slow")
+    await eventually(lambda: cluster.status(ns, "m").get("phase") == "Caching", "caching")
+    await cluster.operator.stop()
+    # While the operator is down: the cache finishes and someone deletes the Service.
+    await emu.finish_job(ns, job, CacheOutcome())
+    assert emu.read(DEPLOYMENTS, ns, "m") is None
+    await cluster.operator.start()
+    status = await cluster.ready(ns, "m")
+    assert status["resolvedRevision"] == commit_for(REPO, "slow")
+    assert emu.names(JOBS, ns) == [job], "the finished Job is reused, not re-run"
