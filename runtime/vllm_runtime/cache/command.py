@@ -276,10 +276,16 @@ def _note_revision(opts: CacheOptions, repo_id: str, manifest: dict[str, Any]) -
             tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
             tmp.write_text(commit)
             os.replace(tmp, ref)
-        if revision not in manifest.get("revisions", []):
-            manifest["revisions"] = sorted({*manifest.get("revisions", []), revision})
-            atomic_write_json(layout.manifest_path(repo_id, commit), manifest)
-    except OSError as error:
+        if revision in manifest.get("revisions", []):
+            return
+        # Under the commit's lock, re-read: `rm`/`gc` may have removed the commit meanwhile, and a
+        # manifest must never be re-created for files that are gone.
+        with filelock.FileLock(str(layout.lock_path(repo_id, commit)), timeout=30):
+            current = read_manifest(opts.cache_dir, repo_id, commit)
+            if current is not None and revision not in current.get("revisions", []):
+                current["revisions"] = sorted({*current.get("revisions", []), revision})
+                atomic_write_json(layout.manifest_path(repo_id, commit), current)
+    except (OSError, filelock.Timeout) as error:
         log.warning("could not record revision %s -> %s: %s", revision, commit, error)
 
 

@@ -98,14 +98,21 @@ def list_manifests(cache_dir: str | Path) -> list[dict[str, Any]]:
 
 def find_complete_commit(cache_dir: str | Path, repo_id: str, revision: str) -> str | None:
     """The cached, verified commit for ``revision`` with no network: a commit itself, the branch/tag's
-    ``refs`` file, or else the newest manifest that was cached for that revision name."""
+    ``refs`` file, or else the newest manifest that was cached for that revision name. The snapshot
+    must still hold the manifest's files (sizes checked, no hashing)."""
+
+    def complete(commit: str) -> bool:
+        manifest = read_manifest(cache_dir, repo_id, commit)
+        return manifest is not None and snapshot_matches(cache_dir, manifest)
+
     if is_commit(revision):
-        return revision if read_manifest(cache_dir, repo_id, revision) else None
+        return revision if complete(revision) else None
     ref = local_ref(cache_dir, repo_id, revision)
-    if ref and read_manifest(cache_dir, repo_id, ref):
+    if ref and complete(ref):
         return ref
     candidates = [
-        m for m in list_manifests(cache_dir) if m.get("repoId") == repo_id and revision in m.get("revisions", [])
+        m for m in list_manifests(cache_dir)
+        if m.get("repoId") == repo_id and revision in m.get("revisions", []) and snapshot_matches(cache_dir, m)
     ]
     if not candidates:
         return None
