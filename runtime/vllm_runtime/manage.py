@@ -35,6 +35,7 @@ import filelock
 
 from vllm_runtime import summary
 from vllm_runtime.cache.manifest import list_manifests
+from vllm_runtime.cache.progress import human_bytes
 from vllm_runtime.cache.usage import (
     LEASE_TTL_SECONDS,
     in_use_by,
@@ -236,14 +237,6 @@ def gc(
     return evicted, max(size, 0)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def _cmd_ls(args: argparse.Namespace) -> int:
     entries = list_cache(args.cache_dir, args.lease_ttl)
     if args.json:
@@ -255,13 +248,13 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     rows = [("MODEL", "COMMIT", "REVISIONS", "SIZE", "FILES", "LAST USED", "IN USE", "STATE")]
     for e in entries:
         rows.append((
-            e.repo_id, e.commit[:12], ",".join(e.revisions) or "-", _human(e.bytes), str(e.files),
+            e.repo_id, e.commit[:12], ",".join(e.revisions) or "-", human_bytes(e.bytes), str(e.files),
             e.last_used or "-", ",".join(e.in_use_by) or "-", "complete" if e.complete else "incomplete",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    print(f"total on volume: {_human(cache_size(args.cache_dir))}")
+    print(f"total on volume: {human_bytes(cache_size(args.cache_dir))}")
     return summary.EXIT_OK
 
 
@@ -280,7 +273,7 @@ def _cmd_rm(args: argparse.Namespace) -> int:
         print(f"rm: {error}", file=sys.stderr)
         return summary.EXIT_RETRYABLE
     for commit, freed in removed:
-        print(f"removed {args.model}@{commit} (freed {_human(freed)})")
+        print(f"removed {args.model}@{commit} (freed {human_bytes(freed)})")
     return summary.EXIT_OK
 
 
@@ -289,8 +282,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     evicted, after = gc(args.cache_dir, args.max_size, dry_run=args.dry_run, lease_ttl=args.lease_ttl)
     verb = "would evict" if args.dry_run else "evicted"
     for e in evicted:
-        print(f"{verb} {e.repo_id}@{e.commit} ({_human(e.bytes)}, last used {e.last_used})")
-    print(f"cache: {_human(before)} -> {_human(after)} (bound {_human(args.max_size)})")
+        print(f"{verb} {e.repo_id}@{e.commit} ({human_bytes(e.bytes)}, last used {e.last_used})")
+    print(f"cache: {human_bytes(before)} -> {human_bytes(after)} (bound {human_bytes(args.max_size)})")
     if after > args.max_size:
         print("gc: the commits left are in use or busy; the cache still exceeds --max-size", file=sys.stderr)
         return summary.EXIT_RETRYABLE
