@@ -108,3 +108,19 @@ def test_range_requests_and_faults(devhub: DevHub, tiny_model_dir: Path) -> None
     assert len(corrupted) == len(data) and corrupted != data
     assert httpx.get(url).content == data  # times=1: only the first matching request
     assert [r.fault for r in devhub.content_gets("model.safetensors")][-3:] == ["rate_limit", "corrupt", None]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantized_variants_have_checkpoint_shapes(tmp_path: Path, method: str) -> None:
+    from safetensors.numpy import load_file
+
+    out = generate(tmp_path, quantization=method)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == method
+    group = config["quantization_config"]["group_size"]
+    tensors = load_file(str(out / "model.safetensors"))
+    assert "model.layers.0.mlp.down_proj.weight" not in tensors
+    qweight = tensors["model.layers.0.mlp.down_proj.qweight"]  # down_proj: in 128 -> out 64
+    assert qweight.shape == ((128 // 8, 64) if method == "gptq" else (128, 64 // 8))
+    assert tensors["model.layers.0.mlp.down_proj.scales"].shape == (128 // group, 64)
+    assert tensors["model.embed_tokens.weight"].shape == (512, 64)  # embeddings stay unquantized

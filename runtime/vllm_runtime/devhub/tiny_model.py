@@ -8,8 +8,10 @@ written with ``safetensors.numpy``; the output is a normal Hugging Face model di
 
 Options scale it up for benchmarks (``--target-bytes 1GiB`` widens and deepens the model and shards
 the weights with an index, as the Hub does), add a ``pytorch_model.bin`` copy (a repo with both
-weight formats; needs torch), or stamp a GPTQ/AWQ ``quantization_config`` into config.json for
-planner tests (the weights stay unquantized: such a variant is for metadata readers, not for vLLM).
+weight formats; needs torch), or write a GPTQ/AWQ-shaped variant: 4-bit packed ``qweight``/``qzeros``
+int32 tensors, float16 ``scales`` (and GPTQ's ``g_idx``) in each layer's linear projections, with a
+matching ``quantization_config``. The values are random: such a variant is for readers of shapes and
+sizes (the memory planner), not for generating text.
 
     python -m vllm_runtime.devhub.tiny_model OUT_DIR [--target-bytes 1GiB] [--with-bin]
 """
@@ -155,14 +157,45 @@ def model_config(shape: ModelShape, dtype: str, quantization: str | None = None)
         "torch_dtype": dtype,
         "transformers_version": "4.57.0",
     }
+    group = quant_group_size(shape)
     if quantization == "gptq":
         config["quantization_config"] = {
-            "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+            "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": True,
         }
     elif quantization == "awq":
-        config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+        config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                          "version": "gemm"}
     return config
+
+
+def quant_group_size(shape: ModelShape) -> int:
+    """128 as usual, or the smallest input width when a tiny model's projections are narrower."""
+    return min(128, shape.hidden_size, shape.intermediate_size)
+
+
+_PACK = 8  # 4-bit values per int32
+
+
+def _quantized_tensors(
+    name: str, out_features: int, in_features: int, method: str, group: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """GPTQ/AWQ tensors of one linear layer (``name`` without ``.weight``), with their checkpoints' shapes."""
+    def packed(rows: int, cols: int) -> np.ndarray:
+        return rng.integers(-(2**31), 2**31 - 1, size=(rows, cols), dtype=np.int32)
+
+    scales = (rng.random((in_features // group, out_features), dtype=np.float32) * 0.01).astype(np.float16)
+    if method == "gptq":
+        return {
+            f"{name}.qweight": packed(in_features // _PACK, out_features),
+            f"{name}.qzeros": packed(in_features // group, out_features // _PACK),
+            f"{name}.scales": scales,
+            f"{name}.g_idx": (np.arange(in_features, dtype=np.int32) // group),
+        }
+    return {  # awq (gemm)
+        f"{name}.qweight": packed(in_features, out_features // _PACK),
+        f"{name}.qzeros": packed(in_features // group, out_features // _PACK),
+        f"{name}.scales": scales,
+    }
 
 
 def _tensor_shapes(shape: ModelShape) -> list[tuple[str, tuple[int, ...]]]:
@@ -189,7 +222,8 @@ def _tensor_shapes(shape: ModelShape) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _write_weights(
-    out_dir: Path, shape: ModelShape, dtype: str, seed: int, shard_bytes: int, with_bin: bool
+    out_dir: Path, shape: ModelShape, dtype: str, seed: int, shard_bytes: int, with_bin: bool,
+    quantization: str | None = None,
 ) -> list[str]:
     """Write safetensors shards (plus an index when sharded); optionally the same tensors as .bin."""
     from safetensors.numpy import save_file
@@ -198,16 +232,22 @@ def _write_weights(
     rng = np.random.default_rng(seed)
     shards: list[dict[str, np.ndarray]] = [{}]
     shard_size = 0
+    group = quant_group_size(shape)
     for name, tensor_shape in _tensor_shapes(shape):
+        arrays: dict[str, np.ndarray]
         if name.endswith("norm.weight"):
-            array = np.ones(tensor_shape, dtype=np_dtype)
+            arrays = {name: np.ones(tensor_shape, dtype=np_dtype)}
+        elif quantization and name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            out_features, in_features = tensor_shape
+            arrays = _quantized_tensors(name[: -len(".weight")], out_features, in_features, quantization, group, rng)
         else:
-            array = (rng.standard_normal(tensor_shape, dtype=np.float32) * 0.02).astype(np_dtype, copy=False)
-        if shard_size and shard_size + array.nbytes > shard_bytes:
+            arrays = {name: (rng.standard_normal(tensor_shape, dtype=np.float32) * 0.02).astype(np_dtype, copy=False)}
+        nbytes = sum(a.nbytes for a in arrays.values())
+        if shard_size and shard_size + nbytes > shard_bytes:
             shards.append({})
             shard_size = 0
-        shards[-1][name] = array
-        shard_size += array.nbytes
+        shards[-1].update(arrays)
+        shard_size += nbytes
     written: list[str] = []
     if len(shards) == 1:
         save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -261,7 +301,9 @@ def generate(
         out / "generation_config.json",
         {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False, "transformers_version": "4.57.0"},
     )
-    _write_weights(out, shape, dtype, seed, shard_bytes, with_bin)
+    if quantization not in (None, "gptq", "awq"):
+        raise ValueError(f"quantization {quantization!r} is not one of gptq, awq")
+    _write_weights(out, shape, dtype, seed, shard_bytes, with_bin, quantization)
     return out
 
 
@@ -277,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=parse_size, default=2 * 1024**3, help="max bytes per safetensors shard")
     parser.add_argument("--with-bin", action="store_true", help="also write pytorch_model.bin (needs torch)")
-    parser.add_argument("--quantization", choices=["gptq", "awq"], help="stamp a quantization_config (metadata only)")
+    parser.add_argument("--quantization", choices=["gptq", "awq"], help="write a GPTQ/AWQ-shaped variant (random 4-bit packed weights)")
     args = parser.parse_args(argv)
     out = generate(
         args.out_dir,
