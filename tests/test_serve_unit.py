@@ -121,6 +121,20 @@ def test_no_manifest_no_start(tmp_path: Path) -> None:
     assert "vllm-runtime cache --model test-org/tiny-llama" in err.value.message
 
 
+def test_a_snapshot_that_lost_files_is_refused_despite_its_manifest(tmp_path: Path) -> None:
+    snapshot = fill_cache_by_hand(tmp_path)
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(serve.ServeError) as err:
+        plan_for(tmp_path, [])
+    assert err.value.reason == "NoCompleteCache" and "vllm-runtime rm" in err.value.message
+
+
+def test_a_branch_name_resolves_to_the_cached_commit_offline(tmp_path: Path) -> None:
+    fill_cache_by_hand(tmp_path)
+    plan = plan_for(tmp_path, [], revision="main")
+    assert plan.commit == COMMIT and plan.argv[plan.argv.index("--revision") + 1] == COMMIT
+
+
 def test_local_model_directory_needs_config_and_weights(tmp_path: Path) -> None:
     model = tmp_path / "models" / "llama"
     model.mkdir(parents=True)

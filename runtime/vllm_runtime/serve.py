@@ -151,26 +151,33 @@ def find_cached_commit(cache_dir: Path, repo_id: str, revision: str) -> tuple[st
             f"{where}): run `vllm-runtime cache --model {repo_id} --revision {revision} --cache-dir {cache_dir}` "
             "first (the operator's cache Job does this)",
         )
+    if not _snapshot_matches(cache_dir, manifest):
+        raise ServeError(
+            "NoCompleteCache",
+            f"the manifest of {repo_id}@{commit} lists files that are missing or of another size in "
+            f"{layout.CacheLayout(Path(cache_dir)).snapshot_dir(repo_id, commit)}: remove this commit "
+            f"(`vllm-runtime rm --cache-dir {cache_dir} --model {repo_id} --revision {commit}`) and cache it again",
+        )
     return commit, manifest
 
 
+def _snapshot_matches(cache_dir: Path, manifest: dict[str, Any]) -> bool:
+    from vllm_runtime.cache.manifest import snapshot_matches  # sizes only: no hashing at start-up
+
+    ok: bool = snapshot_matches(cache_dir, manifest)
+    return ok
+
+
 def _read_manifest(cache_dir: Path, repo_id: str, commit: str) -> dict[str, Any] | None:
-    try:
-        from vllm_runtime.cache import read_manifest  # the cache command owns the manifest format
-    except ImportError:  # pragma: no cover - only while the cache module is being written
-        path = layout.CacheLayout(Path(cache_dir)).manifest_path(repo_id, commit)
-        return json.loads(path.read_text()) if path.is_file() else None
-    manifest: dict[str, Any] | None = read_manifest(cache_dir, repo_id, commit)
-    return manifest
+    from vllm_runtime.cache import read_manifest  # the cache command owns the manifest format
+
+    return read_manifest(cache_dir, repo_id, commit)
 
 
 def _find_complete_commit(cache_dir: Path, repo_id: str, revision: str) -> str | None:
-    try:
-        from vllm_runtime.cache import find_complete_commit
-    except ImportError:  # pragma: no cover
-        return None
-    commit: str | None = find_complete_commit(cache_dir, repo_id, revision)
-    return commit
+    from vllm_runtime.cache import find_complete_commit
+
+    return find_complete_commit(cache_dir, repo_id, revision)
 
 
 def build_plan(
