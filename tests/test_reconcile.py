@@ -359,3 +359,47 @@ def test_is_subset_tolerates_server_defaults_and_quantity_text() -> None:
     assert is_subset({"a": {"b": 1}, "l": [{"x": 1}]}, {"a": {"b": "1", "c": 2}, "l": [{"x": 1, "y": 0}]})
     assert not is_subset({"l": [1, 2]}, {"l": [1]})
     assert not is_subset({"a": {"b": 1}}, {"a": {"b": 2}})
+
+
+class _FakePlan:
+    def __init__(self, fits: bool | None, reason: str, suggestions: list[str]) -> None:
+        self.fits, self.reason, self.suggestions = fits, reason, suggestions
+
+    def summary(self) -> dict[str, Any]:
+        return {"fits": self.fits, "reason": self.reason, "weightBytes": 10, "suggestions": self.suggestions}
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status", "reason"),
+    [
+        (_FakePlan(True, "fits with 3 GiB to spare", []), "True", "Fits"),
+        (_FakePlan(False, "needs 20 GiB, has 16 GiB", ["set spec.quantization: awq"]), "False", "DoesNotFit"),
+        (_FakePlan(None, "no GPU size", []), "Unknown", "NoVerdict"),
+        (RuntimeError("hub unreachable"), "Unknown", "PlanFailed"),
+    ],
+)
+async def test_memory_plan_maps_the_planners_verdict(
+    monkeypatch: pytest.MonkeyPatch, outcome: Any, status: str, reason: str
+) -> None:
+    from vllm_runtime import planner
+
+    seen: dict[str, Any] = {}
+
+    def fake_plan_model(model: str, **kwargs: Any) -> Any:
+        seen.update(kwargs, model=model)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(planner, "plan_model", fake_plan_model)
+    result = await memory_plan(model(gpu={"type": "L4"}, maxModelLen="auto"), CONFIG)
+    assert (result.status, result.reason) == (status, reason)
+    assert seen["model"] == "org/tiny" and seen["gpu"] == "L4" and seen["max_model_len"] == "auto"
+    if isinstance(outcome, _FakePlan):
+        assert result.plan is not None and result.plan["weightBytes"] == 10
+        assert all(s in result.message for s in outcome.suggestions)
+
+
+async def test_memory_plan_needs_a_hub_model() -> None:
+    result = await memory_plan(model(gpu={"type": "L4"}, model="pvc://weights/llama"), CONFIG)
+    assert (result.status, result.reason) == ("Unknown", "NotAHubModel")

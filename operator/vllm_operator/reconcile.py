@@ -41,6 +41,8 @@ PVC_BIND_GRACE = datetime.timedelta(minutes=3)
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 MANAGED_BY = {"app.kubernetes.io/managed-by": "vllm-operator"}
 
+_log = logging.getLogger(__name__)
+
 
 # --- what the planner sees and decides --------------------------------------------------------------
 
@@ -456,6 +458,7 @@ def _desired_status(
         cache_summary = {
             "commit": cached_commit, "revision": rev, "bytes": s.get("bytes"), "files": s.get("files"),
             "verified": s.get("verified"), "completedAt": s.get("completedAt"), "claimName": claim,
+            "durationSeconds": s.get("durationSeconds"),
         }  # fmt: skip
         cache_summary = {k: v for k, v in cache_summary.items() if v is not None}
     elif old_cache and old_cache.get("commit") in (cached_commit, serving_commit):
@@ -558,11 +561,21 @@ def _plan_key(model: VLLMModel) -> str:
     return json.dumps({k: model.spec.get(k) for k in keys}, sort_keys=True, default=str)
 
 
+PLANNING = MemoryPlan(st.UNKNOWN, "Planning", "the memory planner is reading the model's config and weight headers")
+REPLAN_FAILED_AFTER = 600.0  # seconds before a plan that could not be made is tried again
+
+
 async def memory_plan(model: VLLMModel, config: Config) -> MemoryPlan:
-    """The MemoryFits condition from ``vllm_runtime.planner.plan_model`` (Unknown when it cannot run)."""
+    """The MemoryFits condition from ``vllm_runtime.planner.plan_model`` (Unknown when it cannot run).
+
+    It reads config.json and the safetensors headers from the Hub (never weights), in a thread.
+    The operator never reads Secrets, so a gated model's plan fails (Unknown) unless a mirror serves it.
+    """
     gpu = model.spec.get("gpu") or {}
     if not gpu:
         return NO_GPU
+    if not model.source.is_hub:
+        return MemoryPlan(st.UNKNOWN, "NotAHubModel", "the operator cannot read a pvc:// model's config to plan it")
     try:
         from vllm_runtime import planner
 
@@ -581,15 +594,18 @@ async def memory_plan(model: VLLMModel, config: Config) -> MemoryPlan:
         )  # fmt: skip
 
     try:
-        result = await asyncio.wait_for(asyncio.to_thread(_run), timeout=60)
-        data = dict(result.to_dict())
+        result = await asyncio.wait_for(asyncio.to_thread(_run), timeout=120)
     except Exception as exc:  # noqa: BLE001 - any planner failure only makes MemoryFits Unknown
         return MemoryPlan(st.UNKNOWN, "PlanFailed", f"the memory planner failed: {type(exc).__name__}: {exc}"[:1000])
-    plan = {k: v for k, v in data.items() if isinstance(v, str | int | float | bool | list) or v is None}
-    if data.get("fits"):
-        return MemoryPlan(st.TRUE, "Fits", str(data.get("reason") or "the model fits the GPU"), plan)
-    hints = "; ".join(str(s) for s in data.get("suggestions") or [])
-    return MemoryPlan(st.FALSE, "DoesNotFit", f"{data.get('reason') or 'the model does not fit'}. {hints}".strip(), plan)
+    plan = dict(result.summary()) if hasattr(result, "summary") else dict(result.to_dict())
+    fits = getattr(result, "fits", plan.get("fits"))
+    reason = str(getattr(result, "reason", "") or plan.get("reason") or "")
+    if fits is None:
+        return MemoryPlan(st.UNKNOWN, "NoVerdict", reason or "the planner gave no verdict", plan)
+    if fits:
+        return MemoryPlan(st.TRUE, "Fits", reason or "the model fits the GPU", plan)
+    hints = "; ".join(str(x) for x in getattr(result, "suggestions", None) or plan.get("suggestions") or [])
+    return MemoryPlan(st.FALSE, "DoesNotFit", f"{reason or 'the model does not fit'}. {hints}".strip(), plan)
 
 
 def _quantity_bytes(value: str) -> int:
@@ -639,7 +655,8 @@ class Reconciler:
         self._events = events
         self._clock = clock
         self._models: dict[tuple[str, str], _ModelState] = {}
-        self._plans: dict[str, MemoryPlan] = {}
+        self._plans: dict[str, tuple[MemoryPlan, float]] = {}  # plan key -> (plan, when made)
+        self._planning: dict[str, asyncio.Task[None]] = {}
         self._retries: dict[tuple[str, str], asyncio.TimerHandle] = {}
 
     async def observe(self, model: VLLMModel) -> Observed:
@@ -652,9 +669,7 @@ class Reconciler:
             self.client.get(kube.DEPLOYMENTS, ns, builders.deployment_name(model)),
             self.client.get(kube.SERVICES, ns, builders.service_name(model)),
         )
-        key = _plan_key(model)
-        if key not in self._plans:
-            self._plans[key] = await self._planner(model, self.config)
+        memory = self._memory_plan(model)
         return Observed(
             now=self._clock(),
             pvc=pvc,
@@ -662,8 +677,27 @@ class Reconciler:
             pods=pods,
             deployment=deployment,
             service=service,
-            memory=self._plans[key],
+            memory=memory,
         )
+
+    def _memory_plan(self, model: VLLMModel) -> MemoryPlan:
+        """The model's memory plan if made, else start making it in the background (it never delays caching)."""
+        if not model.spec.get("gpu"):
+            return NO_GPU
+        key = _plan_key(model)
+        loop = asyncio.get_running_loop()
+        made = self._plans.get(key)
+        stale = made is not None and made[0].status == st.UNKNOWN and loop.time() - made[1] > REPLAN_FAILED_AFTER
+        if (made is None or stale) and key not in self._planning:
+            self._planning[key] = loop.create_task(self._make_plan(key, model))
+        return made[0] if made is not None else PLANNING
+
+    async def _make_plan(self, key: str, model: VLLMModel) -> None:
+        try:
+            self._plans[key] = (await self._planner(model, self.config), asyncio.get_running_loop().time())
+        finally:
+            self._planning.pop(key, None)
+        await self.trigger(model.namespace, model.name, _log)
 
     async def reconcile(self, namespace: str, name: str, logger: logging.Logger | kopf.Logger) -> str | None:
         """Reconcile one model now; its phase, or None when it is gone.
@@ -727,6 +761,8 @@ class Reconciler:
         for handle in self._retries.values():
             handle.cancel()
         self._retries.clear()
+        for task in self._planning.values():
+            task.cancel()
 
     async def _reconcile(self, namespace: str, name: str, logger: logging.Logger | kopf.Logger) -> str | None:
         body = await _api(self.client.get(kube.VLLMMODELS, namespace, name))
