@@ -73,6 +73,7 @@ def register(
         server = background.pop("metrics", None)
         if server is not None:
             await asyncio.to_thread(server.shutdown)
+            server.server_close()
         reconciler.close()
         await client.close()
 
