@@ -258,3 +258,22 @@ def test_vllm_runtime_cli_runs_cache_and_ls(
     capsys.readouterr()
     assert cli.main(["ls", "--cache-dir", str(cache), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["commit"] == tiny_repo[1]
+
+
+def test_cache_follows_lfs_redirects_like_the_real_hub(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hub_fixtures import hub_environment
+
+    with DevHub(redirect_lfs=True) as hub:
+        commit = hub.add_repo(TINY_REPO, tiny_model_dir)
+        home = tmp_path / "home"
+        home.mkdir()
+        for key, value in hub_environment(hub, home).items():
+            monkeypatch.setenv(key, value)
+        cache = tmp_path / "cache"
+        assert cache_in_process(cache, TINY_REPO).commit == commit
+        assert [r.path.split("/")[1] for r in hub.content_gets("model.safetensors")] == ["cdn-lfs"]
+        hub.clear_log()
+        assert cache_in_process(cache, TINY_REPO).extra["reused"] is True
+        assert hub.content_gets() == []

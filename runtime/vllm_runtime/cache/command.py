@@ -512,10 +512,14 @@ def exit_code(result: summary.Summary) -> int:
     return summary.EXIT_RETRYABLE if result.retryable else summary.EXIT_PERMANENT
 
 
-def _start_metrics_server(port: int) -> Callable[[], None]:
+def _start_metrics_server(port: int) -> Callable[[], None] | None:
     from prometheus_client import start_http_server
 
-    server, thread = start_http_server(port, registry=progress.REGISTRY)
+    try:
+        server, thread = start_http_server(port, registry=progress.REGISTRY)
+    except OSError as error:  # the port is taken: caching matters more than its metrics
+        log.warning("cannot serve metrics on :%d (%s); caching without them", port, error)
+        return None
     log.info("cache metrics on :%d/metrics", port)
 
     def stop() -> None:

@@ -181,7 +181,7 @@ class RequestRecord:
     @property
     def is_file_content(self) -> bool:
         """A GET of a file's contents (what a warm cache must never do)."""
-        return self.method == "GET" and "/resolve/" in self.path
+        return self.method == "GET" and ("/resolve/" in self.path or self.path.startswith("/cdn-lfs/"))
 
 
 class HubError(Exception):
@@ -194,9 +194,14 @@ class HubError(Exception):
 class DevHub:
     """The loopback Hub. Thread-safe; start with ``start()`` or use as a context manager."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, tree_page_size: int = 1000):
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, tree_page_size: int = 1000, redirect_lfs: bool = False
+    ):
         self.host, self.port = host, port
         self.tree_page_size = tree_page_size
+        # Like the real Hub, answer LFS resolves with a 302 to a "CDN" on another origin (here: "localhost"
+        # instead of the endpoint's address), so huggingface_hub drops the Authorization header there.
+        self.redirect_lfs = redirect_lfs
         # Slows file bodies down (bytes per second per request); None: as fast as the disk allows.
         self.throttle_bytes_per_second: int | None = None
         self.repos: dict[str, Repo] = {}
@@ -288,7 +293,9 @@ class DevHub:
             self.faults.clear()
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
-        """Wait until no request is being handled (a handler logs its request when it finishes)."""
+        """Wait until no request is being handled (a handler logs its request when it finishes).
+
+        Stalled responses (fault ``stall``) do not count: they are logged when the stall ends."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
@@ -302,6 +309,8 @@ class DevHub:
             self.requests.clear()
 
     def log_snapshot(self) -> list[RequestRecord]:
+        """The request log, once requests being handled are logged (a handler logs after its last byte)."""
+        self.wait_idle()
         with self._lock:
             return list(self.requests)
 
@@ -331,6 +340,7 @@ class DevHub:
 
 _API_RE = re.compile(r"^/api/models/(?P<org>[^/]+)/(?P<name>[^/]+)(?:/(?P<op>revision|tree)/(?P<rest>.+))?$")
 _RESOLVE_RE = re.compile(r"^/(?P<org>[^/]+)/(?P<name>[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+_CDN_RE = re.compile(r"^/cdn-lfs/(?P<sha>[0-9a-f]{64})/(?P<file>.+)$")
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -377,6 +387,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                 self._api(m, query)
             elif m := _RESOLVE_RE.match(raw_path):
                 self._resolve(method, m, fault)
+            elif m := _CDN_RE.match(raw_path):
+                self._cdn(method, m, fault)
             else:
                 raise HubError(404, None, "Not Found")
         except HubError as err:
@@ -492,6 +504,27 @@ class _HubHandler(BaseHTTPRequestHandler):
         if entry is None:
             raise HubError(404, "EntryNotFound", f"{filename} does not exist on {commit.sha}",
                            {"X-Repo-Commit": commit.sha})
+        if entry.lfs and self.hub.redirect_lfs:
+            cdn = f"http://localhost:{self.hub.port}/cdn-lfs/{entry.sha256}/{quote(filename.rsplit('/', 1)[-1])}"
+            self._start_response(302, {
+                "Location": cdn, "X-Repo-Commit": commit.sha, "X-Linked-Etag": f'"{entry.sha256}"',
+                "X-Linked-Size": str(entry.size), "ETag": f'"{entry.git_oid}"', "Content-Length": "0",
+            })
+            return
+        self._serve_file(method, entry, {"X-Repo-Commit": commit.sha}, fault)
+
+    def _cdn(self, method: str, m: re.Match[str], fault: Fault | None) -> None:
+        """The "CDN" an LFS redirect points at: content by sha256, no auth (like a signed URL)."""
+        for repo in list(self.hub.repos.values()):
+            for commit in list(repo.commits.values()):
+                for entry in commit.files.values():
+                    if entry.lfs and entry.sha256 == m["sha"]:
+                        self._serve_file(method, entry, {}, fault)
+                        return
+        raise HubError(404, None, "no such object")
+
+    def _serve_file(self, method: str, entry: RepoFile, extra: dict[str, str], fault: Fault | None) -> None:
+        filename = entry.path
         start, end = 0, entry.size - 1
         status = 200
         range_header = self.headers.get("Range")
@@ -509,7 +542,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             status = 206
         length = end - start + 1 if entry.size else 0
         headers = {
-            "X-Repo-Commit": commit.sha,
+            **extra,
             "ETag": f'"{entry.etag}"',
             "Accept-Ranges": "bytes",
             "Content-Type": "application/octet-stream",
@@ -561,7 +594,11 @@ class _HubHandler(BaseHTTPRequestHandler):
                     break
         self.wfile.flush()
         if fault is not None and fault.kind == "stall":
+            with self.hub._lock:  # a stalled handler does not count as busy for wait_idle
+                self.hub._active -= 1
             self.hub._stopping.wait(fault.seconds)
+            with self.hub._lock:
+                self.hub._active += 1
         if remaining > 0:
             self.close_connection = True  # the client sees a short body, as after a dropped connection
 
