@@ -277,3 +277,42 @@ def test_cache_follows_lfs_redirects_like_the_real_hub(
         hub.clear_log()
         assert cache_in_process(cache, TINY_REPO).extra["reused"] is True
         assert hub.content_gets() == []
+
+
+def test_damaged_cache_is_repaired(
+    devhub: DevHub, tiny_repo: tuple[str, str], tiny_model_dir: Path, hub_environ: dict[str, str], tmp_path: Path
+) -> None:
+    repo_id, commit = tiny_repo
+    cache = tmp_path / "cache"
+    assert cache_in_process(cache, repo_id).ok
+    snapshot = CacheLayout(cache).snapshot_dir(repo_id, commit)
+
+    # A snapshot link deleted: the warm check (sizes) notices; the blob is still there, re-verified, relinked.
+    (snapshot / "tokenizer.json").unlink()
+    assert find_complete_commit(cache, repo_id, "main") is None
+    devhub.clear_log()
+    relinked = cache_in_process(cache, repo_id)
+    assert relinked.ok and relinked.extra["reused"] is False and relinked.extra["downloadedBytes"] == 0
+    assert devhub.content_gets() == []
+    # The file itself deleted: only that file is fetched again.
+    tokenizer = snapshot / "tokenizer.json"
+    tokenizer.resolve().unlink()
+    tokenizer.unlink()
+    devhub.clear_log()
+    repaired = cache_in_process(cache, repo_id)
+    assert repaired.ok and repaired.extra["reused"] is False
+    assert {r.path.rsplit("/", 1)[-1] for r in devhub.content_gets()} == {"tokenizer.json"}
+
+    # Bytes changed in place (same size): only --verify-existing re-hashes and catches it.
+    weights = snapshot / "model.safetensors"
+    blob = weights.resolve()
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    devhub.clear_log()
+    assert cache_in_process(cache, repo_id).extra["reused"] is True  # size-only warm check
+    assert devhub.content_gets() == []
+    checked = cache_in_process(cache, repo_id, verify_existing=True)
+    assert checked.ok and checked.extra["reused"] is False
+    assert len(devhub.content_gets("model.safetensors")) == 1
+    assert weights.read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()

@@ -294,3 +294,25 @@ def test_corrupted_small_file_is_caught_by_its_git_oid(
     result = cache_in_process(tmp_path / "cache", tiny_repo[0])
     assert result.ok, result.message
     assert [r.fault for r in devhub.content_gets("config.json")] == ["corrupt", None]
+
+
+def test_watchdog_counts_stalls_and_aborts_a_hang_no_timeout_sees(tmp_path: Path) -> None:
+    from vllm_runtime.cache.progress import ProgressMonitor
+
+    aborted: list[float] = []
+    stalls_before = _metric("vllm_runtime_cache_stalls_total")
+    monitor = ProgressMonitor(tmp_path, {"a" * 64: 100}, stall_timeout=0.1, log_interval=60,
+                              in_flight=lambda: 1, abort_after=0.4, on_abort=aborted.append).start()
+    deadline = time.monotonic() + 10
+    while not aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    monitor.stop()
+    assert aborted and aborted[0] >= 0.4
+    assert _metric("vllm_runtime_cache_stalls_total") == stalls_before + 1  # one quiet period, one stall
+
+    # Sleeping between retries (nothing in flight) is not a stall.
+    idle = ProgressMonitor(tmp_path, {"a" * 64: 100}, stall_timeout=0.1, log_interval=60,
+                           in_flight=lambda: 0, abort_after=0.2, on_abort=aborted.append).start()
+    time.sleep(0.6)
+    idle.stop()
+    assert len(aborted) == 1

@@ -52,7 +52,7 @@ from vllm_runtime.cache.manifest import (
 )
 from vllm_runtime.cache.selection import HubFile, NoWeightsError, Selection, restrict_to_index, select_files
 from vllm_runtime.cache.usage import touch_last_used
-from vllm_runtime.cache.verify import VerificationJournal, verify_file
+from vllm_runtime.cache.verify import VerificationJournal, file_digests, verify_file
 from vllm_runtime.layout import TERMINATION_MESSAGE_PATH, CacheLayout, is_commit, parse_model, repo_folder_name
 
 log = logging.getLogger("vllm_runtime.cache")
@@ -72,6 +72,9 @@ class CacheOptions:
     max_workers: int = 8
     lock_timeout: float = 6 * 3600.0
     progress_interval: float = 10.0
+    verify_existing: bool = False  # re-hash a cached commit's files before reusing it
+    abort_after: float | None = None  # seconds without a byte before exiting; None: 10 x stall_timeout + 120
+    termination_message_path: str | None = None  # for the last-resort abort (main() writes the normal summary)
     endpoint: str | None = None  # HF_ENDPOINT; None: huggingface_hub's default
     token: str | None = field(default=None, repr=False)  # HF_TOKEN; never logged
 
@@ -157,26 +160,25 @@ class _Fetcher:
             for future in futures:
                 future.result()
 
-    def _download(self, hub_file: HubFile) -> Path:
-        with self._lock:
+    def _download_once(self, hub_file: HubFile) -> str:
+        with self._lock:  # counted only while transferring, not while sleeping between retries
             self._in_flight += 1
         try:
-            pointer = self.retrier.call(
-                f"download of {hub_file.path}",
-                lambda: hf_hub_download(
-                    self.repo_id,
-                    hub_file.path,
-                    revision=self.commit,
-                    cache_dir=self.layout.hub_cache,
-                    endpoint=self.opts.endpoint,
-                    token=self.opts.token or False,
-                    etag_timeout=max(self.opts.stall_timeout, 1.0),
-                ),
+            return hf_hub_download(
+                self.repo_id,
+                hub_file.path,
+                revision=self.commit,
+                cache_dir=self.layout.hub_cache,
+                endpoint=self.opts.endpoint,
+                token=self.opts.token or False,
+                etag_timeout=max(self.opts.stall_timeout, 1.0),
             )
         finally:
             with self._lock:
                 self._in_flight -= 1
-        return Path(pointer)
+
+    def _download(self, hub_file: HubFile) -> Path:
+        return Path(self.retrier.call(f"download of {hub_file.path}", lambda: self._download_once(hub_file)))
 
     def fetch(self, hub_file: HubFile) -> None:
         for attempt in (1, 2):
@@ -299,6 +301,25 @@ def _warm(opts: CacheOptions, repo_id: str, commit: str) -> dict[str, Any] | Non
     return manifest
 
 
+def _rehash_matches(opts: CacheOptions, manifest: dict[str, Any]) -> bool:
+    """Re-hash every cached file (in parallel) against the manifest's sha256."""
+    snapshot = CacheLayout(opts.cache_dir).snapshot_dir(manifest["repoId"], manifest["commit"])
+
+    def check(entry: dict[str, Any]) -> bool:
+        sha256, _ = file_digests(snapshot / entry["path"], git_oid=False)
+        if sha256 != entry["sha256"]:
+            log.warning("%s changed on the volume since it was verified (sha256 %s, expected %s)",
+                        entry["path"], sha256, entry["sha256"])
+            return False
+        return True
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, opts.max_workers)) as pool:
+        ok = all(list(pool.map(check, manifest["files"])))
+    progress.VERIFICATION_SECONDS.set(time.monotonic() - began)
+    return ok
+
+
 def cache_hub_model(opts: CacheOptions, repo_id: str) -> summary.Summary:
     began = time.monotonic()
     layout = CacheLayout(opts.cache_dir)
@@ -312,7 +333,7 @@ def cache_hub_model(opts: CacheOptions, repo_id: str) -> summary.Summary:
             raise CacheError("RevisionNotFound", f"the Hub returned no commit for {repo_id}@{opts.revision}")
         commit = info.sha
         log.info("resolved %s@%s to commit %s", repo_id, opts.revision, commit)
-    warm = _warm(opts, repo_id, commit)
+    warm = None if opts.verify_existing else _warm(opts, repo_id, commit)
     if warm is not None:
         log.info("%s@%s is already cached and verified (%d files, %s)", repo_id, commit, warm["fileCount"],
                  progress.human_bytes(warm["bytes"]))
@@ -320,7 +341,13 @@ def cache_hub_model(opts: CacheOptions, repo_id: str) -> summary.Summary:
         return _success(opts, repo_id, warm, began, reused=True, downloaded=0)
 
     with _commit_lock(layout.lock_path(repo_id, commit), opts.lock_timeout, f"{repo_id}@{commit}"):
+        stale = read_manifest(opts.cache_dir, repo_id, commit)
         warm = _warm(opts, repo_id, commit)
+        if warm is not None and opts.verify_existing and not _rehash_matches(opts, warm):
+            warm = None
+        if warm is None and stale is not None:
+            # Files went missing or changed: the commit is no longer complete until cached again.
+            layout.manifest_path(repo_id, commit).unlink(missing_ok=True)
         if warm is not None:
             log.info("another process cached %s@%s; reusing it", repo_id, commit)
             _note_revision(opts, repo_id, warm)
@@ -384,6 +411,8 @@ def _download_commit(
         stall_timeout=opts.stall_timeout,
         log_interval=opts.progress_interval,
         in_flight=fetcher.in_flight,
+        abort_after=opts.abort_after if opts.abort_after is not None else 10 * opts.stall_timeout + 120,
+        on_abort=lambda quiet: _abort_stalled(opts, repo_id, quiet),
     ).start()
     download_began = time.monotonic()
     try:
@@ -431,6 +460,22 @@ def _download_commit(
         fetcher.verification_seconds,
     )
     return manifest, downloaded
+
+
+def _abort_stalled(opts: CacheOptions, repo_id: str, quiet: float) -> None:
+    """Last resort when a transfer hangs where no timeout sees it: report Stalled and exit at once."""
+    message = (
+        f"no byte of {repo_id} arrived for {quiet:.0f} s and the transfer did not time out; check the network "
+        "path to HF_ENDPOINT, or raise --stall-timeout"
+    )
+    log.error("caching %s@%s failed: Stalled: %s", opts.model, opts.revision, message)
+    result = summary.Summary(ok=False, command="cache", model=opts.model, revision=opts.revision,
+                             reason="Stalled", message=message, retryable=True)
+    print(result.to_json(), flush=True)
+    if opts.termination_message_path:
+        summary.write_termination_message(result, opts.termination_message_path)
+    logging.shutdown()
+    os._exit(summary.EXIT_RETRYABLE)  # worker threads may be stuck in a read: do not wait for them
 
 
 def check_local_model(opts: CacheOptions, directory: Path) -> summary.Summary:
@@ -543,6 +588,8 @@ def main(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         lock_timeout=args.lock_timeout,
         progress_interval=args.progress_interval,
+        verify_existing=args.verify_existing,
+        termination_message_path=args.termination_message_path,
         endpoint=os.environ.get("HF_ENDPOINT") or None,
         token=(os.environ.get("HF_TOKEN") or "").strip() or None,
     )
@@ -583,6 +630,8 @@ def register(subparsers: Any) -> None:
                         help="seconds to wait for another process caching the same commit (default: 6 h)")
     parser.add_argument("--progress-interval", type=float, default=10.0,
                         help="seconds between progress log lines (default: 10)")
+    parser.add_argument("--verify-existing", action="store_true",
+                        help="re-hash an already cached commit before reusing it (a corrupt file is fetched again)")
     parser.add_argument("--termination-message-path", default=TERMINATION_MESSAGE_PATH,
                         help=f"where the one-line JSON summary goes (default: {TERMINATION_MESSAGE_PATH})")
     # Also accepted after the subcommand; SUPPRESS keeps the top-level value when absent here.

@@ -8,7 +8,10 @@ The watchdog: when no byte arrives for ``stall_timeout`` seconds while files are
 a stall (``vllm_runtime_cache_stalls_total``) and logs it. The transfer itself is aborted by the
 HTTP read timeout, which the command sets to the same ``stall_timeout``: huggingface_hub then resumes
 the file with a Range request a few times, and the command retries it once more before failing
-with reason ``Stalled``.
+with reason ``Stalled``. A transfer the read timeout cannot see (hf_xet's, or a hang anywhere else)
+hits the last resort: after ``abort_after`` seconds without a byte, ``on_abort`` runs (the command
+writes a ``Stalled`` summary and exits 4; everything on disk is crash-safe by design).
+Time spent sleeping between retries is not "without a byte": only running transfers count.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class ProgressMonitor:
         log_interval: float,
         in_flight: Callable[[], int],
         sample_interval: float = 0.5,
+        abort_after: float | None = None,
+        on_abort: Callable[[float], None] | None = None,
     ):
         self.blobs_dir = blobs_dir
         self.blob_sizes = blob_sizes  # blob name -> expected size, for the selected files
@@ -74,6 +79,7 @@ class ProgressMonitor:
         self.in_flight = in_flight
         self.sample_interval = min(sample_interval, max(stall_timeout / 4, 0.05))
         self.stalls = 0
+        self.abort_after, self.on_abort = abort_after, on_abort
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cache-progress", daemon=True)
         self._rate = 0.0
@@ -129,16 +135,18 @@ class ProgressMonitor:
             RATE.set(self._rate)
             remaining = max(self.total - done, 0)
             ETA.set(remaining / self._rate if self._rate > 0 else -1)
-            if delta > 0:
+            quiet = now - last_progress_time
+            if delta > 0 or self.in_flight() == 0:  # progress, or only backoff sleeps: nothing is stalled
                 last_progress_time, stalled = now, False
-            elif self.in_flight() > 0 and not stalled and now - last_progress_time >= self.stall_timeout:
+            elif not stalled and quiet >= self.stall_timeout:
                 stalled = True
                 self.stalls += 1
                 STALLS.inc()
-                log.warning(
-                    "no bytes received for %.0f s (stall %d); the transfer will be retried", now - last_progress_time,
-                    self.stalls,
-                )
+                log.warning("no bytes received for %.0f s (stall %d); the transfer will be retried", quiet,
+                            self.stalls)
+            if self.on_abort is not None and self.abort_after is not None and delta <= 0 and quiet >= self.abort_after:
+                self.on_abort(quiet)
+                return
             if now - last_log >= self.log_interval:
                 last_log = now
                 log.info("progress: %s", self.line())
