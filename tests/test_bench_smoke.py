@@ -1,0 +1,85 @@
+"""Smoke check of the benchmarks: each runs once at the tiny size and yields figures of sane types and units.
+
+Never asserts timings (those go to BENCHMARKS.md); only that the runner works from its one command and that
+every figure is a finite, non-negative number with a known unit. The vLLM start-up benchmark is skipped at
+the tiny size (the e2e tests start vLLM already), and the runner says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import scaling_model  # noqa: E402
+
+UNITS = {"ms", "s", "MB", "B", "B/s", "count"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    tmp = tmp_path_factory.mktemp("bench")
+    out, raw = tmp / "BENCHMARKS.md", tmp / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--size", "tiny", "--out", str(out), "--json", str(raw),
+         "--workdir", str(tmp / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(raw.read_text()), out.read_text()
+
+
+def test_every_benchmark_yields_figures(tiny_run: tuple[dict, str]) -> None:
+    results, _ = tiny_run
+    benchmarks = {f["benchmark"] for f in results["figures"]}
+    assert benchmarks == {"operator", "cache"}
+    assert "skipped" in results["startup"] and "tiny" in results["startup"]["skipped"]
+    for figure in results["figures"]:
+        assert figure["unit"] in UNITS, figure
+        assert isinstance(figure["value"], int | float) and math.isfinite(figure["value"]), figure
+        assert figure["value"] >= 0, figure
+        if figure["ratio"] is not None:
+            assert math.isfinite(figure["ratio"]) and figure["ratio"] > 0, figure
+        assert figure["met"] in (None, True, False)
+
+
+def test_operator_figures_cover_latency_burst_and_memory(tiny_run: tuple[dict, str]) -> None:
+    op = tiny_run[0]["operator"]
+    assert op["burst"]["reconciled"] == op["burst"]["models"] and not op["burst"]["timed_out"]
+    assert op["latency"]["first_p50_ms"] <= op["latency"]["first_p99_ms"]
+    assert op["latency"]["first_p50_ms"] <= op["latency"]["ready_p50_ms"]  # Ready comes after the first pass
+    assert 10 < op["memory"]["rss_loaded_mb"] < 4096
+
+
+def test_warm_cache_check_reads_metadata_only(tiny_run: tuple[dict, str]) -> None:
+    warm = tiny_run[0]["cache"]["checks"]["warm"]
+    for size in ("small", "large"):
+        assert warm[size]["reused"] is True
+        assert warm[size]["weight_file_opens"] == 0
+        assert warm[size]["hub"]["content_gets"] == 0
+    assert warm["large"]["model_bytes"] > 10 * warm["small"]["model_bytes"]
+    assert tiny_run[0]["cache"]["checks"]["reverify"]["mismatches"] == 0
+
+
+def test_report_has_machine_versions_table_and_scaling(tiny_run: tuple[dict, str]) -> None:
+    _, markdown = tiny_run
+    for needle in ("## Machine", "- CPU:", "- Memory:", "- OS:", "- Python:", "kopf", "huggingface_hub",
+                   "| Benchmark | Measure |", "## Scaling sketch"):  # fmt: skip
+        assert needle in markdown, needle
+
+
+def test_scaling_model_shared_cache_pulls_once() -> None:
+    a = scaling_model.Assumptions()
+    rows = scaling_model.table({"m": 16e9}, [1, 8], a)
+    assert [r["hub_bytes_shared"] for r in rows] == [16e9, 16e9]
+    assert [r["hub_bytes_each"] for r in rows] == [16e9, 128e9]
+    one, eight = rows
+    assert eight["shared"]["load"] > one["shared"]["load"]  # N readers share the volume's throughput
+    assert eight["each"]["download"] >= one["each"]["download"]  # N clients share the cluster's egress
