@@ -316,3 +316,28 @@ def test_watchdog_counts_stalls_and_aborts_a_hang_no_timeout_sees(tmp_path: Path
     time.sleep(0.6)
     idle.stop()
     assert len(aborted) == 1
+
+
+def test_kill_9_at_many_moments_never_leaves_a_false_manifest(
+    devhub: DevHub, throttled_sharded_repo: tuple[str, str], hub_env: dict[str, str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vllm_runtime.cache.verify import file_digests
+
+    repo_id, commit = throttled_sharded_repo
+    cache = tmp_path / "cache"
+    snapshot = CacheLayout(cache).snapshot_dir(repo_id, commit)
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.6, 2.0):  # from start-up through metadata, shards and the manifest
+        process = subprocess.Popen(cache_command(cache, repo_id), env=hub_env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        manifest = read_manifest(cache, repo_id, commit)
+        if manifest is not None:  # complete means complete: every file there, with its sha256
+            for entry in manifest["files"]:
+                assert file_digests(snapshot / entry["path"], git_oid=False)[0] == entry["sha256"]
+    devhub.throttle_bytes_per_second = None
+    for key in ("HF_ENDPOINT", "HF_HOME"):
+        monkeypatch.setenv(key, hub_env[key])
+    assert cache_in_process(cache, repo_id).ok
