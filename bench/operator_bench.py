@@ -78,9 +78,10 @@ class TimedEmulator(KubeEmulator):
     """The project's emulator, plus write time-stamps per model and the look-ups a real API server indexes.
 
     kmock is built for tests, not load: it matches each request against its whole request history
-    (quadratic in requests) and scans every object on every GET and LIST. Here the history keeps only
-    requests in flight, a GET is a dict look-up, and a LIST by model label reads an index; the answers
-    are the same, so the operator sees the same API, only faster.
+    (quadratic in requests) and scans every object on every GET, LIST, create and update. Here the
+    history keeps only requests not yet matched to a reaction, a GET/create/update finds its object by
+    key, and a LIST by model label reads an index; the answers are the same, so the operator sees the
+    same API, only faster.
     """
 
     marks: dict[str, dict[str, float]] = attrs.field(factory=dict)
@@ -100,7 +101,28 @@ class TimedEmulator(KubeEmulator):
                 self._by_model.setdefault((key[0], key[1], labels[LABEL_MODEL]), []).append(key)
         self._indexed = len(store)
 
+    def _dispatched(self, request: kmock.Request) -> None:
+        """kmock matched the request to a reaction: it no longer needs to be in the history."""
+        self._in_flight.pop(id(request), None)
+
+    async def _serve_create(self, request: kmock.Request) -> Any:
+        self._dispatched(request)
+        meta = (request.data or {}).get("metadata") or {}
+        obj = self._store().get((request.resource, request.namespace or meta.get("namespace"), meta.get("name")))
+        return obj.raw if obj is not None and not obj.deleted else await super()._serve_create(request)
+
+    async def _serve_update(self, request: kmock.Request) -> Any:
+        self._dispatched(request)
+        obj = self._store().get((request.resource, request.namespace, request.name))
+        return obj.last.raw if obj is not None else await super()._serve_update(request)
+
+    async def _serve_watch(self, request: kmock.Request) -> Any:
+        self._dispatched(request)
+        async for item in super()._serve_watch(request):
+            yield item
+
     async def _serve_list(self, request: kmock.Request) -> Any:
+        self._dispatched(request)
         selector = request.params.get("labelSelector") or ""
         model = next((t.split("=", 1)[1] for t in selector.split(",") if t.startswith(LABEL_MODEL + "=")), None)
         if model is None or request.namespace is None:
@@ -120,9 +142,12 @@ class TimedEmulator(KubeEmulator):
         return {"metadata": {"resourceVersion": "..."}, "items": items}
 
     async def _serve_fetch(self, request: kmock.Request) -> Any:
+        self._dispatched(request)
+        if request.name is None:
+            return await super()._serve_fetch(request)
         obj = self._store().get((request.resource, request.namespace, request.name))
         if obj is None or obj.deleted:
-            return await super()._serve_fetch(request)  # its 404, or an object kmock keys differently
+            raise kmock.KubernetesObjectNotFoundError()
         return obj.raw
 
     async def _handle(self, request: kmock.Request) -> Any:
@@ -142,6 +167,7 @@ class TimedEmulator(KubeEmulator):
             return
         data = request.data if isinstance(request.data, dict) else {}
         now = time.perf_counter()
+        model = None
         if request.resource in CHILD_KINDS:
             model = ((data.get("metadata") or {}).get("labels") or {}).get(LABEL_MODEL)
             if model:
@@ -154,10 +180,10 @@ class TimedEmulator(KubeEmulator):
                 marks.setdefault(f"phase:{phase}", now)
         else:
             return
-        for name in [n for n, (stage, fut) in self.waiters.items() if not fut.done()]:
-            stage, fut = self.waiters[name]
-            if reached(self.marks.get(name, {}), stage):
-                fut.set_result(now)
+        name = request.name if request.resource == VLLMMODELS else model
+        waiter = self.waiters.get(name or "")
+        if waiter is not None and not waiter[1].done() and reached(self.marks.get(name or "", {}), waiter[0]):
+            waiter[1].set_result(now)
 
 
 STAGES = {
