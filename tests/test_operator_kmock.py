@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -46,33 +47,39 @@ TIMEOUT = 20.0
 
 
 class Operator:
-    """The operator embedded in the test's event loop; restartable."""
+    """The operator in a thread with its own event loop; restartable.
+
+    kopf cancels every task of its loop that appeared after it started when it stops, so it must
+    not share a loop with the emulator's HTTP server (whose connection tasks it would cancel).
+    """
 
     def __init__(self, config: Config, url: str) -> None:
         self.config = config
         self.url = url
-        self.task: asyncio.Task[None] | None = None
-        self.stop_flag = asyncio.Event()
+        self.thread: threading.Thread | None = None
+        self.stop_flag = threading.Event()
 
     async def login(self) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=self.url, insecure=True)
 
     async def start(self) -> None:
-        self.stop_flag = asyncio.Event()
-        ready = asyncio.Event()
-        self.task = asyncio.create_task(
-            runner.operator_task(self.config, login=self.login, stop_flag=self.stop_flag, ready_flag=ready)
-        )
-        await asyncio.wait_for(ready.wait(), TIMEOUT)
+        self.stop_flag = threading.Event()
+        ready = threading.Event()
+
+        def run() -> None:
+            coro = runner.operator_task(self.config, login=self.login, stop_flag=self.stop_flag, ready_flag=ready)
+            asyncio.run(coro)
+
+        self.thread = threading.Thread(target=run, name="operator", daemon=True)
+        self.thread.start()
+        assert await asyncio.to_thread(ready.wait, TIMEOUT), "the operator did not start"
 
     async def stop(self) -> None:
-        assert self.task is not None
+        assert self.thread is not None
         self.stop_flag.set()
-        try:
-            await asyncio.wait_for(self.task, 30)
-        except asyncio.CancelledError:  # kopf cancels its own tasks on the way out
-            pass
-        self.task = None
+        await asyncio.to_thread(self.thread.join, 30)
+        assert not self.thread.is_alive(), "the operator did not stop"
+        self.thread = None
 
 
 class Cluster:
@@ -152,7 +159,7 @@ async def cluster() -> AsyncIterator[Cluster]:
         try:
             yield Cluster(emu, operator)
         finally:
-            if operator.task is not None:
+            if operator.thread is not None:
                 await operator.stop()
 
 
@@ -343,3 +350,44 @@ async def test_operator_restarted_mid_reconcile(cluster: Cluster) -> None:
     status = await cluster.ready(ns, "m")
     assert status["resolvedRevision"] == commit_for(REPO, "slow")
     assert emu.names(JOBS, ns) == [job], "the finished Job is reused, not re-run"
+
+
+async def test_crash_looping_vllm_is_reported_with_the_pods_message(cluster: Cluster) -> None:
+    ns, emu = "crashloop", cluster.emu
+    emu.deployments_ready = False
+    try:
+        await cluster.create(ns, "m")
+        await eventually(lambda: cluster.status(ns, "m").get("phase") == "Loading", "phase Loading")
+    finally:
+        emu.deployments_ready = True
+    crash = {"ok": False, "command": "serve", "reason": "OutOfMemory", "message": "lower spec.maxModelLen"}
+    model = VLLMModel.from_body(cluster.model(ns, "m"))
+    container = {"name": "vllm", "image": "img", "restartCount": 5, "ready": False}
+    pod = {"metadata": {"labels": builders.labels_for(model, builders.COMPONENT_SERVER)},
+           "status": {"phase": "Running", "containerStatuses": [{
+               **container, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+               "lastState": {"terminated": {"exitCode": 3, "message": json.dumps(crash)}}}]}}  # fmt: skip
+    await emu.put(PODS, ns, "m-7d9f-abcde", pod)
+    await eventually(lambda: condition(cluster.status(ns, "m"), "Failed")["reason"] == "CrashLoopBackOff", "Failed")
+    status = cluster.status(ns, "m")
+    assert status["phase"] == "Failed"
+    assert "OutOfMemory: lower spec.maxModelLen" in condition(status, "Failed")["message"]
+    await eventually(lambda: "CrashLoopBackOff" in cluster.event_reasons(ns), "a Warning event")
+    # The pod recovers (e.g. after the spec was fixed): the failure clears.
+    await emu.put(PODS, ns, "m-7d9f-abcde", {"status": {"containerStatuses": [
+        {**container, "ready": True, "state": {"running": {}}}]}})  # fmt: skip
+    await eventually(lambda: condition(cluster.status(ns, "m"), "Failed")["status"] == "False", "failure cleared")
+
+
+async def test_image_pull_failure_of_the_cache_pod_is_reported(cluster: Cluster) -> None:
+    ns, emu = "imagepull", cluster.emu
+    emu.outcomes["pull"] = HOLD
+    await cluster.create(ns, "m", revision="pull", image="registry.example/missing:1")
+    job = job_name(ns, "m", "pull")
+    await eventually(lambda: emu.read(PODS, ns, f"{job}-pod") is not None, "the cache pod")
+    await emu.put(PODS, ns, f"{job}-pod", {"status": {"phase": "Pending", "containerStatuses": [
+        {"name": "cache", "image": "registry.example/missing:1", "ready": False, "restartCount": 0,
+         "state": {"waiting": {"reason": "ImagePullBackOff", "message": "manifest unknown"}}}]}})  # fmt: skip
+    await eventually(lambda: condition(cluster.status(ns, "m"), "Failed")["reason"] == "ImagePullFailed", "Failed")
+    message = condition(cluster.status(ns, "m"), "Failed")["message"]
+    assert "registry.example/missing:1" in message and "spec.imagePullSecrets" in message

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import kopf
 
@@ -28,11 +29,16 @@ async def operator_task(
     namespaces: tuple[str, ...] = (),
     *,
     login: kube.Login | None = None,
-    stop_flag: asyncio.Event | None = None,
-    ready_flag: asyncio.Event | None = None,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
     liveness_endpoint: str | None = None,
 ) -> None:
-    """The operator as a coroutine: returns when ``stop_flag`` is set (or on a fatal error)."""
+    """The operator as a coroutine: returns when ``stop_flag`` is set (or on a fatal error).
+
+    kopf cancels every task created in its event loop after it started when it stops, so an
+    embedding program (a test with an in-process API emulator) runs it in a thread of its own
+    with threading.Event flags.
+    """
     await kopf.operator(
         registry=build_registry(config, namespaces, login=login),
         standalone=True,
