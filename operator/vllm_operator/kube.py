@@ -228,14 +228,15 @@ class KubeClient:
                 return None
             raise
 
-    async def list(self, resource: Resource, namespace: str, labels: Mapping[str, str]) -> list[JSON]:
-        """Objects in ``namespace`` carrying all ``labels``.
+    async def list(self, resource: Resource, namespace: str | None, labels: Mapping[str, str]) -> list[JSON]:
+        """Objects in ``namespace`` (None: all namespaces) carrying all ``labels``.
 
         The selector also goes to the server; filtering again here keeps the result right even where a
         server (or an emulator) ignores it.
         """
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        data = await self._request("GET", resource.path(namespace), params={"labelSelector": selector})
+        params = {"labelSelector": selector} if selector else None
+        data = await self._request("GET", resource.path(namespace), params=params)
         items = data.get("items") or []
         return [obj for obj in items if isinstance(obj, dict) and has_labels(obj, labels)]
 
