@@ -12,14 +12,13 @@ from vllm_operator import builders, kube
 from vllm_operator import status as st
 from vllm_operator.config import Config
 from vllm_operator.model import VLLMModel
-from vllm_operator.reconcile import (
+from vllm_operator.memory import MemoryPlan, memory_plan
+from vllm_operator.plan import (
     ANNOTATION_SPEC_HASH,
     Apply,
     Delete,
-    MemoryPlan,
     Observed,
     is_subset,
-    memory_plan,
     plan_reconcile,
     spec_hash,
     transition_events,
