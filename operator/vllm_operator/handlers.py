@@ -108,7 +108,7 @@ async def _resync(reconciler: Reconciler, config: Config, namespaces: tuple[str,
             models: list[dict[str, Any]] = []
             for ns in namespaces or (None,):
                 models += await reconciler.client.list(kube.VLLMMODELS, ns, {})
-        except kube.ApiError as exc:
+        except Exception as exc:  # noqa: BLE001 - the safety net itself must survive any failure
             logger.warning(f"resync: cannot list VLLMModels: {exc}")
             continue
         for body in models:

@@ -54,5 +54,8 @@ async def operator_task(
 def run(config: Config, namespaces: tuple[str, ...] = (), *, liveness_endpoint: str | None = None) -> int:
     """Run until SIGINT/SIGTERM; all namespaces when ``namespaces`` is empty."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(operator_task(config, namespaces, liveness_endpoint=liveness_endpoint))
+    try:
+        asyncio.run(operator_task(config, namespaces, liveness_endpoint=liveness_endpoint))
+    except asyncio.CancelledError:  # kopf stops by cancelling its tasks (as kopf.run does)
+        pass
     return 0
