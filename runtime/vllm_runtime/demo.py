@@ -65,6 +65,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class CacheFailed(RuntimeError):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def cache_model(
     *, model: str, revision: str, cache_dir: Path, env: Mapping[str, str], log: IO[str] | None = None
 ) -> dict[str, Any]:
@@ -76,7 +82,10 @@ def cache_model(
     result = summary.parse_termination_message(term.read_text() if term.exists() else None)
     term.unlink(missing_ok=True)
     if done.returncode != 0 or not result or not result.get("ok"):
-        raise RuntimeError(f"vllm-runtime cache failed (exit {done.returncode}): {result or done.stdout}")
+        raise CacheFailed(
+            f"vllm-runtime cache failed (exit {done.returncode}): {result or done.stdout}",
+            done.returncode or summary.EXIT_PERMANENT,
+        )
     return result
 
 
@@ -263,9 +272,9 @@ def run(args: argparse.Namespace) -> int:
         out.write(f"[2/6] vllm-runtime cache --model {model} --revision {args.revision} --cache-dir {cache_dir}\n")
         try:
             cached = cache_model(model=model, revision=args.revision, cache_dir=cache_dir, env=env)
-        except RuntimeError as exc:
+        except CacheFailed as exc:
             out.write(f"      failed: {exc}\n")
-            return summary.EXIT_PERMANENT
+            return exc.exit_code
         out.write(
             f"      commit {cached['commit']}: {cached.get('files')} files, {cached.get('bytes')} bytes, "
             f"verified={cached.get('verified')}\n"
