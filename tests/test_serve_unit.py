@@ -225,6 +225,15 @@ class _FakeGpu(Nvml):
                           reserved=gib)]
 
 
+def test_facts_not_known_yet_are_absent_not_zero() -> None:
+    metrics = ServeMetrics(nvml=_NoGpu())
+    samples = parse_exposition(metrics.exposition().decode())
+    for name in ("vllm_runtime_time_to_ready_seconds", "vllm_runtime_compile_cache_hit", "vllm_runtime_kv_cache_tokens"):
+        assert name not in samples
+    metrics.compile_cache_hit.set(0)
+    assert first_value(parse_exposition(metrics.exposition().decode()), "vllm_runtime_compile_cache_hit") == 0.0
+
+
 def test_without_nvml_gpu_metrics_say_absent_and_nothing_fails() -> None:
     samples = parse_exposition(ServeMetrics(nvml=Nvml()).exposition().decode())  # no NVML on CI machines
     if first_value(samples, "vllm_runtime_gpu_metrics_available") == 1.0:

@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     message = server.termination_message() or {}
     out.write(f"[6/6] SIGTERM -> vLLM drained and exited with status {code}; termination message ok={message.get('ok')}\n")
     ttr = first_value(samples, "vllm_runtime_time_to_ready_seconds")
-    out.write(f"Done: time to ready {ttr:.1f} s. Run again to start with the warm compile cache in {cache_dir}.\n")
+    out.write(f"Done: time to ready {ttr or 0:.1f} s. Run again to start with the warm compile cache in {cache_dir}.\n")
     return code
 
 

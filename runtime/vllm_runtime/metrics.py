@@ -171,6 +171,25 @@ class _MemoryCollector(Collector):
             )
 
 
+class LateGauge(Collector):
+    """A gauge without labels that is absent from the exposition until it is first set."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.value: float | None = None
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.value is not None:
+            yield GaugeMetricFamily(self.name, self.documentation, value=self.value)
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.name, self.documentation)
+
+
 class ServeMetrics:
     """The runtime's own registry for ``serve`` (no default process collectors: vLLM's relayed
     output already has ``process_*`` series for the server, and names must not repeat)."""
@@ -184,7 +203,8 @@ class ServeMetrics:
             ["phase"],
             registry=r,
         )
-        self.time_to_ready_seconds = Gauge(
+        # Facts known only once vLLM reaches a point: absent from the scrape until then, never a fake 0.
+        self.time_to_ready_seconds = LateGauge(
             "vllm_runtime_time_to_ready_seconds", "Seconds from start until vLLM was first ready", registry=r
         )
         self.ready = Gauge("vllm_runtime_ready", "1 while vLLM is healthy and lists the model", registry=r)
@@ -194,13 +214,15 @@ class ServeMetrics:
             ["step"],
             registry=r,
         )
-        self.compile_cache_hit = Gauge(
-            "vllm_runtime_compile_cache_hit", "1 when vLLM loaded compiled graphs from the cache volume", registry=r
+        self.compile_cache_hit = LateGauge(
+            "vllm_runtime_compile_cache_hit",
+            "1 when vLLM loaded compiled graphs from the cache volume, 0 when it compiled",
+            registry=r,
         )
-        self.kv_cache_tokens = Gauge(
+        self.kv_cache_tokens = LateGauge(
             "vllm_runtime_kv_cache_tokens", "KV cache capacity in tokens, as vLLM logged it", registry=r
         )
-        self.max_concurrency = Gauge(
+        self.max_concurrency = LateGauge(
             "vllm_runtime_max_concurrency",
             "Requests of max-model-len tokens that fit the KV cache at once, as vLLM logged it",
             registry=r,
