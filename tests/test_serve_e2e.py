@@ -95,6 +95,7 @@ def test_sigterm_drains_then_a_restart_reuses_the_compile_cache(served_tiny_mode
         cache = status["compileCache"]
         assert cache["dir"] == str(compile_dir) and cache["warm"] is True  # type: ignore[index]
         assert status["compileArtifactFound"] is True
+        assert first_value(scrape(again.metrics)[1], "vllm_runtime_compile_cache_warm") == 1.0
         load_lines = [
             line
             for line in again.log_text().splitlines()

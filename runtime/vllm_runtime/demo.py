@@ -43,6 +43,7 @@ KEY_METRICS = (
     "vllm_runtime_ready",
     "vllm_runtime_time_to_ready_seconds",
     "vllm_runtime_startup_phase_seconds",
+    "vllm_runtime_compile_cache_warm",
     "vllm_runtime_compile_cache_hit",
     "vllm_runtime_kv_cache_tokens",
     "vllm_runtime_cache_bytes",

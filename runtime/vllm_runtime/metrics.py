@@ -219,6 +219,11 @@ class ServeMetrics:
             "1 when vLLM loaded compiled graphs from the cache volume, 0 when it compiled",
             registry=r,
         )
+        self.compile_cache_warm = Gauge(
+            "vllm_runtime_compile_cache_warm",
+            "1 when this configuration's compile directory on the volume held artifacts before start",
+            registry=r,
+        )
         self.kv_cache_tokens = LateGauge(
             "vllm_runtime_kv_cache_tokens", "KV cache capacity in tokens, as vLLM logged it", registry=r
         )

@@ -610,6 +610,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = ServeMetrics(nvml=nvml, vllm_pid=lambda: supervisor.vllm_pid() if supervisor else None)
     metrics.start_time = started
     metrics.ready.set(0)
+    metrics.compile_cache_warm.set(1 if compile_files_before > 0 else 0)
     if plan.manifest:
         metrics.set_cache_facts(plan.manifest)
     supervisor = Supervisor(
