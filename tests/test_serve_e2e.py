@@ -115,9 +115,12 @@ def test_max_model_len_that_does_not_fit_the_kv_cache_is_classified(served_tiny_
     failing = served_tiny_model.new_server("serve-kv-too-small", "--max-model-len", "256",
                                            "--kv-cache-memory-bytes", "200000", env=env)  # fmt: skip
     failing.start()
-    with pytest.raises(RuntimeError, match="before it was ready"):
-        failing.wait_ready(timeout=READY_TIMEOUT)
-    assert failing.stop() == 1  # vLLM's own status
+    try:
+        with pytest.raises(RuntimeError, match="before it was ready"):
+            failing.wait_ready(timeout=READY_TIMEOUT)
+    finally:
+        code = failing.stop()  # never leave a server behind, whatever happened
+    assert code == 1  # vLLM's own status
     message = failing.termination_message()
     assert message is not None and message["ok"] is False
     assert message["reason"] == failures.KV_CACHE_TOO_SMALL
