@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +55,7 @@ from vllm_runtime.cache.selection import HubFile, NoWeightsError, Selection, res
 from vllm_runtime.cache.usage import touch_last_used
 from vllm_runtime.cache.verify import VerificationJournal, file_digests, verify_file
 from vllm_runtime.layout import TERMINATION_MESSAGE_PATH, CacheLayout, is_commit, parse_model, repo_folder_name
+from vllm_runtime.planner import spec as plan_spec
 
 log = logging.getLogger("vllm_runtime.cache")
 T = TypeVar("T")
@@ -575,7 +577,41 @@ def _start_metrics_server(port: int) -> Callable[[], None] | None:
     return stop
 
 
+def plan_cached(result: summary.Summary, cache_dir: Path, plan_kwargs: dict[str, Any]) -> None:
+    """Plan GPU memory from the files just cached (exact, and with the token's access) into ``result.extra["plan"]``.
+
+    The operator reads it from the termination message when it could not plan from the Hub itself.
+    A planner failure is reported in the plan (``fits`` None, ``error``); it never fails the cache.
+    """
+    from vllm_runtime.planner import plan_model
+
+    if result.extra.get("path"):
+        directory = Path(str(result.extra["path"]))
+    else:
+        directory = CacheLayout(cache_dir).snapshot_dir(result.model, str(result.commit))
+    try:
+        plan: dict[str, Any] = plan_model(str(directory), **plan_kwargs).summary()
+    except Exception as error:  # noqa: BLE001 - the cache succeeded; the plan only informs
+        log.warning("cannot plan GPU memory for %s: %s: %s", result.model, type(error).__name__, error)
+        plan = {"fits": None, "error": f"{type(error).__name__}: {error}"[:500]}
+    else:
+        log.info("memory plan: %s", plan.get("reason"))
+    result.extra["plan"] = plan
+    # The termination message holds 4096 bytes: shed the plan's details before the plan itself.
+    for shed in ("suggestions", "reason", "chosen"):
+        if len(result.to_json().encode()) <= summary.MAX_TERMINATION_MESSAGE_BYTES - 64:
+            return
+        plan.pop(shed, None)
+    if len(result.to_json().encode()) > summary.MAX_TERMINATION_MESSAGE_BYTES - 64:
+        result.extra["plan"] = {"fits": plan.get("fits")}
+
+
 def main(args: argparse.Namespace) -> int:
+    try:
+        plan_kwargs = plan_spec.plan_kwargs_from_args(args)
+    except ValueError as error:
+        print(f"cache: {error}", file=sys.stderr)
+        return summary.EXIT_USAGE
     opts = CacheOptions(
         model=args.model,
         cache_dir=Path(args.cache_dir),
@@ -599,6 +635,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if stop_metrics is not None:
             stop_metrics()
+    if result.ok and plan_kwargs is not None:
+        plan_cached(result, opts.cache_dir, plan_kwargs)
     if opts.token and result.message:  # our messages never contain it; this guards against future ones
         result.message = result.message.replace(opts.token, "***")
     print(result.to_json(), flush=True)
@@ -632,6 +670,7 @@ def register(subparsers: Any) -> None:
                         help="seconds between progress log lines (default: 10)")
     parser.add_argument("--verify-existing", action="store_true",
                         help="re-hash an already cached commit before reusing it (a corrupt file is fetched again)")
+    plan_spec.add_plan_arguments(parser)
     parser.add_argument("--termination-message-path", default=TERMINATION_MESSAGE_PATH,
                         help=f"where the one-line JSON summary goes (default: {TERMINATION_MESSAGE_PATH})")
     # Also accepted after the subcommand; SUPPRESS keeps the top-level value when absent here.
