@@ -12,8 +12,10 @@ from vllm_operator import builders, kube
 from vllm_operator import status as st
 from vllm_operator.config import Config
 from vllm_operator.model import VLLMModel
-from vllm_operator.memory import MemoryPlan, memory_plan
+from vllm_operator.memory import PLANNING, MemoryPlan, from_summary, memory_plan
 from vllm_operator.plan import (
+    ANNOTATION_CLAIM_UID,
+    ANNOTATION_PLAN_DIGEST,
     ANNOTATION_SPEC_HASH,
     Apply,
     Delete,
@@ -41,20 +43,25 @@ def model(status: dict[str, Any] | None = None, generation: int = 1, **spec: Any
     return VLLMModel.from_body(body)
 
 
-def pvc(phase: str = "Bound", created: datetime.datetime = NOW) -> dict[str, Any]:
+def pvc(phase: str = "Bound", created: datetime.datetime = NOW, uid: str = "pvc-uid-1") -> dict[str, Any]:
     obj = builders.cache_pvc_for(model(), CONFIG)
     assert obj is not None
     obj["metadata"]["creationTimestamp"] = st.now_iso(created)
+    obj["metadata"]["uid"] = uid
     obj["status"] = {"phase": phase}
     return obj
 
 
 def job(m: VLLMModel, phase: str, message: dict[str, Any] | None = None, *, stale: bool = False,
-        finished: datetime.datetime = NOW) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+        finished: datetime.datetime = NOW, claim_uid: str = "pvc-uid-1",
+        plan_digest: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """A cache Job in ``phase`` and its pod, whose termination message is ``message``."""
     obj = builders.cache_job_for(m, CONFIG)
     obj["metadata"]["uid"] = "job-uid-" + obj["metadata"]["name"]
     obj["metadata"]["annotations"][ANNOTATION_SPEC_HASH] = "stale" if stale else spec_hash(obj)
+    obj["metadata"]["annotations"][ANNOTATION_CLAIM_UID] = claim_uid
+    if plan_digest:
+        obj["metadata"]["annotations"][ANNOTATION_PLAN_DIGEST] = plan_digest
     status: dict[str, Any] = {"active": 1} if phase == "running" else {}
     if phase == "succeeded":
         status = {"succeeded": 1, "completionTime": st.now_iso(finished),
@@ -87,6 +94,7 @@ def failed(reason: str, message: str = "detail") -> dict[str, Any]:
 def deployment(m: VLLMModel, commit: str, ready: int = 1, replicas: int | None = None) -> dict[str, Any]:
     obj = builders.deployment_for(m, CONFIG, commit)
     obj["metadata"]["ownerReferences"] = [builders.owner_reference_for(m)]
+    obj["metadata"]["annotations"][ANNOTATION_CLAIM_UID] = "pvc-uid-1"  # as the operator applies it
     obj["metadata"]["generation"] = 1
     n = m.replicas if replicas is None else replicas
     obj["spec"]["replicas"] = n
@@ -120,14 +128,18 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
 # --- the flow, one actual state at a time ------------------------------------------------------------
 
 
-def test_new_model_creates_cache_pvc_and_job_first() -> None:
+def test_new_model_creates_cache_pvc_then_the_job_that_fills_it() -> None:
     m = model()
     plan = plan_reconcile(m, observed(m, pvc=None), CONFIG)
-    assert kinds(plan.actions) == ["Apply:PersistentVolumeClaim", "Apply:Job"]
+    assert kinds(plan.actions) == ["Apply:PersistentVolumeClaim"], "the Job waits for the PVC (its uid)"
     pvc_obj = plan.actions[0].obj  # type: ignore[union-attr]
     assert "ownerReferences" not in pvc_obj["metadata"], "Retain: the cache outlives the model"
-    job_obj = plan.actions[1].obj  # type: ignore[union-attr]
+    assert plan.status["phase"] == "Caching"
+    plan = plan_reconcile(m, observed(m), CONFIG)
+    assert kinds(plan.actions) == ["Apply:Job"]
+    job_obj = plan.actions[0].obj  # type: ignore[union-attr]
     assert job_obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert job_obj["metadata"]["annotations"][ANNOTATION_CLAIM_UID] == "pvc-uid-1"
     assert [e.reason for e in plan.events] == ["CacheStarted"]
     assert plan.status["phase"] == "Caching"
     assert condition(plan.status, "Cached")["status"] == "False"
@@ -402,3 +414,118 @@ async def test_memory_plan_maps_the_planners_verdict(
 async def test_memory_plan_needs_a_hub_model() -> None:
     result = await memory_plan(model(gpu={"type": "L4"}, model="pvc://weights/llama"), CONFIG)
     assert (result.status, result.reason) == ("Unknown", "NotAHubModel")
+
+
+# --- the memory plan decides before anything is created ----------------------------------------------
+
+GPU = {"gpu": {"type": "L4"}}
+
+
+def memory_of(fits: bool | None, source: str = "operator", **plan: Any) -> MemoryPlan:
+    summary = {"fits": fits, "reason": "needs 20 GiB, has 16 GiB" if fits is False else "fits", "weightBytes": 10,
+               "suggestions": ["set spec.quantization: awq"] if fits is False else [], **plan}  # fmt: skip
+    return from_summary(summary, source)
+
+
+def test_nothing_is_created_while_the_plan_is_being_made() -> None:
+    m = model(**GPU)
+    plan = plan_reconcile(m, observed(m, pvc=None, memory=PLANNING), CONFIG)
+    assert plan.actions == [] and plan.events == []
+    assert plan.status["phase"] == "Pending"
+    assert (condition(plan.status, "MemoryFits")["status"], condition(plan.status, "MemoryFits")["reason"]) == (
+        "Unknown", "Planning")  # fmt: skip
+    assert condition(plan.status, "Cached")["reason"] == "WaitingForPlan"
+
+
+def test_a_spec_that_does_not_fit_creates_nothing_and_says_what_would() -> None:
+    m = model(**GPU)
+    plan = plan_reconcile(m, observed(m, pvc=None, memory=memory_of(False)), CONFIG)
+    assert plan.actions == [], "no PVC, no Job, no Deployment"
+    assert plan.status["phase"] == "Failed"
+    fits, failed_ = condition(plan.status, "MemoryFits"), condition(plan.status, "Failed")
+    assert (fits["status"], fits["reason"]) == ("False", "DoesNotFit")
+    assert (failed_["status"], failed_["reason"]) == ("True", "DoesNotFit")
+    assert "needs 20 GiB" in failed_["message"] and "spec.quantization: awq" in failed_["message"]
+    assert condition(plan.status, "Stalled") == {**failed_, "type": "Stalled"}, "kstatus' Stalled mirrors Failed"
+    assert plan.status["plan"]["source"] == "operator"
+    events = transition_events(m, {}, plan.status)
+    assert [(e.type, e.reason) for e in events] == [("Warning", "DoesNotFit")]
+    again = plan_reconcile(model(status=plan.status, **GPU), observed(m, pvc=None, memory=memory_of(False)), CONFIG)
+    assert transition_events(m, plan.status, again.status) == [], "the Warning is posted once"
+
+
+def test_a_new_spec_that_does_not_fit_keeps_the_serving_deployment() -> None:
+    old = model(**GPU)
+    m = model(generation=2, maxModelLen=131072, **GPU)
+    obs = observed(m, jobs=[job(m, "succeeded", ok(OLD))], deployment=deployment(old, OLD), service=service(old),
+                   memory=memory_of(False))  # fmt: skip
+    plan = plan_reconcile(m, obs, CONFIG)
+    assert plan.actions == [], "the Deployment is not rolled to a spec that cannot fit"
+    assert plan.status["resolvedRevision"] == OLD and plan.status["phase"] == "Failed"
+    assert condition(plan.status, "Ready")["status"] == "True", "the old pods keep serving"
+
+
+def test_when_the_operator_cannot_plan_the_cache_job_plans() -> None:
+    m = model(maxModelLen="auto", **GPU)
+    cannot = MemoryPlan(st.UNKNOWN, "PlanFailed", "the memory planner failed: GatedRepoError")
+    first = plan_reconcile(m, observed(m, memory=cannot), CONFIG)
+    assert kinds(first.actions) == ["Apply:Job"], "caching goes ahead"
+    job_obj = first.actions[0].obj  # type: ignore[union-attr]
+    args = job_obj["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--plan-gpu") + 1] == "L4" and args[args.index("--plan-max-model-len") + 1] == "auto"
+    digest = job_obj["metadata"]["annotations"][ANNOTATION_PLAN_DIGEST]
+
+    fits = {**ok(NEW), "plan": {"fits": True, "reason": "fits", "maxModelLen": 8192, "chosen": {"maxModelLen": 8192}}}
+    plan = plan_reconcile(m, observed(m, jobs=[job(m, "succeeded", fits, plan_digest=digest)], memory=cannot), CONFIG)
+    assert kinds(plan.actions) == ["Apply:Deployment", "Apply:Service"]
+    dep_args = plan.actions[0].obj["spec"]["template"]["spec"]["containers"][0]["args"]  # type: ignore[union-attr]
+    assert dep_args[dep_args.index("--max-model-len") + 1] == "8192", "auto comes from the cache Job's plan"
+    assert plan.status["plan"]["source"] == "cacheJob" and plan.status["plan"]["chosen"] == {"maxModelLen": 8192}
+    assert condition(plan.status, "MemoryFits")["status"] == "True"
+    assert "maxModelLen=8192" in condition(plan.status, "MemoryFits")["message"], "status says what was chosen"
+    # Once the Job is cleaned up, the plan in status still counts (same inputs).
+    later = plan_reconcile(model(status=plan.status, maxModelLen="auto", **GPU),
+                           observed(m, deployment=deployment(m, NEW), service=service(m), memory=cannot), CONFIG)  # fmt: skip
+    assert not [a for a in later.actions if isinstance(a, Apply) and a.obj["kind"] == "Job"]
+    assert condition(later.status, "MemoryFits")["status"] == "True"
+
+
+def test_the_cache_jobs_does_not_fit_keeps_the_deployment_away() -> None:
+    m = model(**GPU)
+    cannot = MemoryPlan(st.UNKNOWN, "PlanFailed", "hub unreachable")
+    digest = builders_plan_digest(m)
+    too_big = {**ok(NEW), "plan": {"fits": False, "reason": "needs 20 GiB", "suggestions": ["use 2 GPUs"]}}
+    plan = plan_reconcile(m, observed(m, jobs=[job(m, "succeeded", too_big, plan_digest=digest)], memory=cannot),
+                          CONFIG)  # fmt: skip
+    assert plan.actions == []
+    assert plan.status["phase"] == "Failed" and condition(plan.status, "Failed")["reason"] == "DoesNotFit"
+    assert "use 2 GPUs" in condition(plan.status, "Failed")["message"]
+    assert "cache Job" in condition(plan.status, "MemoryFits")["message"]
+    assert condition(plan.status, "Cached")["status"] == "True"
+    # The spec changes (fewer tokens): the Job's plan is for other inputs, so it runs again (files are cached).
+    fixed = model(maxModelLen=2048, **GPU)
+    replan = plan_reconcile(fixed, observed(fixed, jobs=[job(m, "succeeded", too_big, plan_digest=digest)],
+                                            memory=cannot), CONFIG)  # fmt: skip
+    assert kinds(replan.actions) == ["Delete:Job"]
+
+
+def builders_plan_digest(m: VLLMModel) -> str:
+    from vllm_operator.memory import plan_digest
+
+    return plan_digest(m)
+
+
+def test_a_replaced_cache_pvc_is_filled_again() -> None:
+    m = model()
+    old_job = job(m, "succeeded", ok(NEW), claim_uid="pvc-uid-0")
+    obs = observed(m, jobs=[old_job], deployment=deployment(m, NEW), service=service(m))
+    plan = plan_reconcile(m, obs, CONFIG)
+    assert kinds(plan.actions) == ["Delete:Job"], "the Job filled the old PVC: run it again"
+    assert [e.reason for e in plan.events] == ["CacheVolumeReplaced"]
+    assert condition(plan.status, "Ready")["status"] == "True", "the pods keep serving meanwhile"
+    # The Job is gone, and the Deployment was made from the old PVC too: cache again, do not trust it.
+    stale_dep = deployment(m, NEW)
+    stale_dep["metadata"]["annotations"][ANNOTATION_CLAIM_UID] = "pvc-uid-0"
+    plan = plan_reconcile(m, observed(m, deployment=stale_dep, service=service(m)), CONFIG)
+    assert kinds(plan.actions) == ["Apply:Job"]
+    assert plan.actions[0].obj["metadata"]["annotations"][ANNOTATION_CLAIM_UID] == "pvc-uid-1"  # type: ignore[union-attr]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_runtime import layout, vllm_args
+from vllm_runtime.planner import spec as plan_spec
 
 from . import crd
 from .config import Config
@@ -191,6 +192,7 @@ def cache_job_for(model: VLLMModel, config: Config, revision: str | None = None)
         "--metrics-port", str(RUNTIME_METRICS_PORT),
         "--termination-message-path", layout.TERMINATION_MESSAGE_PATH,
     ]  # fmt: skip
+    args += cache_plan_flags(model)
     env = _hub_env(offline=False)
     if config.hf_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": config.hf_endpoint})
@@ -252,6 +254,15 @@ def cache_job_for(model: VLLMModel, config: Config, revision: str | None = None)
         "metadata": _metadata(model, cache_job_name(model, rev), COMPONENT_CACHE, _model_annotations(model, rev)),
         "spec": job_spec,
     }
+
+
+def cache_plan_flags(model: VLLMModel) -> list[str]:
+    """``--plan-*`` flags: with ``spec.gpu`` the cache Job also plans GPU memory from the files it cached
+    (exactly, and with the token the operator never reads); the plan comes back in its termination message."""
+    try:
+        return plan_spec.plan_flags(model.spec)
+    except ValueError:  # a malformed spec.gpu.memory: the operator's own plan reports it (PlanFailed)
+        return []
 
 
 # --- Deployment --------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """The memory planner seam: the MemoryFits condition and ``status.plan`` for a VLLMModel.
 
 ``vllm_runtime.planner.plan_model`` reads config.json and the safetensors headers (never the weights);
-the Reconciler runs it in the background so it never delays caching.
+the Reconciler runs it in the background (never blocking the event loop) and creates nothing until it
+has decided; a spec that does not fit deploys nothing. When the operator cannot plan (Hub unreachable,
+gated model, pvc:// model), the cache Job plans from the files it downloaded and the operator uses that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +31,15 @@ class MemoryPlan:
     message: str
     plan: JSON | None = None
 
+    @property
+    def decided(self) -> bool:
+        """False while the operator's planner is still running (nothing may be created yet)."""
+        return self.reason != PLANNING.reason
+
+    @property
+    def does_not_fit(self) -> bool:
+        return self.status == st.FALSE
+
 
 NO_GPU = MemoryPlan(
     st.UNKNOWN,
@@ -37,11 +50,21 @@ NO_GPU = MemoryPlan(
 
 def plan_key(model: VLLMModel) -> str:
     keys = ("model", "revision", "gpu", "quantization", "kvCacheDtype", "maxModelLen", "tensorParallelSize",
-            "gpuMemoryUtilization")  # fmt: skip
+            "gpuMemoryUtilization", "enforceEager")  # fmt: skip
     return json.dumps({k: model.spec.get(k) for k in keys}, sort_keys=True, default=str)
 
 
-PLANNING = MemoryPlan(st.UNKNOWN, "Planning", "the memory planner is reading the model's config and weight headers")
+def plan_digest(model: VLLMModel) -> str:
+    """A short digest of the planner's inputs: a cache Job's plan is for the spec only while it matches."""
+    return hashlib.sha256(plan_key(model).encode()).hexdigest()[:16]
+
+
+PLANNING = MemoryPlan(
+    st.UNKNOWN, "Planning", "the memory planner is reading the model's config and weight headers; nothing is "
+    "created until it decides"
+)  # fmt: skip
+DOES_NOT_FIT = "DoesNotFit"
+OPERATOR, CACHE_JOB = "operator", "cacheJob"  # status.plan.source: who made the plan
 REPLAN_FAILED_AFTER = 600.0  # seconds before a plan that could not be made is tried again
 
 
@@ -49,49 +72,51 @@ async def memory_plan(model: VLLMModel, config: Config) -> MemoryPlan:
     """The MemoryFits condition from ``vllm_runtime.planner.plan_model`` (Unknown when it cannot run).
 
     It reads config.json and the safetensors headers from the Hub (never weights), in a thread.
-    The operator never reads Secrets, so a gated model's plan fails (Unknown) unless a mirror serves it.
+    The operator never reads Secrets, so a gated model's plan fails (Unknown) unless a mirror serves it;
+    the cache Job then plans from the files it downloaded (``from_summary`` with ``CACHE_JOB``).
     """
-    gpu = model.spec.get("gpu") or {}
-    if not gpu:
-        return NO_GPU
-    if not model.source.is_hub:
-        return MemoryPlan(st.UNKNOWN, "NotAHubModel", "the operator cannot read a pvc:// model's config to plan it")
     try:
         from vllm_runtime import planner
+        from vllm_runtime.planner import spec as plan_spec
 
         plan_model = planner.plan_model
     except (ImportError, AttributeError):
         return MemoryPlan(st.UNKNOWN, "PlannerUnavailable", "this operator build has no memory planner")
-    spec = model.spec
+    try:
+        kwargs = plan_spec.plan_kwargs(model.spec)
+    except ValueError as exc:
+        return MemoryPlan(st.UNKNOWN, "PlanFailed", f"spec.gpu: {exc}")
+    if kwargs is None:
+        return NO_GPU
+    if not model.source.is_hub:
+        return MemoryPlan(st.UNKNOWN, "NotAHubModel", "the operator cannot read a pvc:// model's files; "
+                          "the cache Job plans it")  # fmt: skip
 
     def _run() -> Any:
-        return plan_model(
-            str(spec["model"]), revision=model.revision, gpu=gpu.get("type"),
-            gpu_memory_bytes=None if not gpu.get("memory") else _quantity_bytes(str(gpu["memory"])),
-            quantization=spec.get("quantization"), kv_cache_dtype=spec.get("kvCacheDtype"),
-            max_model_len=spec.get("maxModelLen"), tensor_parallel_size=spec.get("tensorParallelSize", 1),
-            gpu_memory_utilization=float(spec.get("gpuMemoryUtilization", 0.9)), endpoint=config.hf_endpoint,
-        )  # fmt: skip
+        return plan_model(str(model.spec["model"]), revision=model.revision, endpoint=config.hf_endpoint, **kwargs)
 
     try:
         result = await asyncio.wait_for(asyncio.to_thread(_run), timeout=120)
     except Exception as exc:  # noqa: BLE001 - any planner failure only makes MemoryFits Unknown
-        return MemoryPlan(st.UNKNOWN, "PlanFailed", f"the memory planner failed: {type(exc).__name__}: {exc}"[:1000])
-    plan = dict(result.summary()) if hasattr(result, "summary") else dict(result.to_dict())
-    fits = getattr(result, "fits", plan.get("fits"))
-    reason = str(getattr(result, "reason", "") or plan.get("reason") or "")
+        return MemoryPlan(st.UNKNOWN, "PlanFailed", f"the memory planner failed: {type(exc).__name__}: {exc}; "
+                          "the cache Job plans from the downloaded files instead"[:1000])  # fmt: skip
+    return from_summary(dict(result.summary()), OPERATOR)
+
+
+def from_summary(plan: Mapping[str, Any], source: str) -> MemoryPlan:
+    """The MemoryFits condition for a ``Plan.summary()`` made by ``source`` (``operator`` or ``cacheJob``)."""
+    plan = {**plan, "source": source}
+    by = "" if source == OPERATOR else " (planned by the cache Job from the downloaded files)"
+    fits = plan.get("fits")
+    reason = str(plan.get("reason") or plan.get("error") or "")
+    chosen = plan.get("chosen") or {}
+    if isinstance(chosen, Mapping) and chosen:
+        reason += "; chose " + ", ".join(f"{k}={v}" for k, v in chosen.items())
     if fits is None:
-        return MemoryPlan(st.UNKNOWN, "NoVerdict", reason or "the planner gave no verdict", plan)
+        why = "PlanFailed" if plan.get("error") else "NoVerdict"
+        return MemoryPlan(st.UNKNOWN, why, (reason or "the planner gave no verdict") + by, plan)
     if fits:
-        return MemoryPlan(st.TRUE, "Fits", reason or "the model fits the GPU", plan)
-    hints = "; ".join(str(x) for x in getattr(result, "suggestions", None) or plan.get("suggestions") or [])
-    return MemoryPlan(st.FALSE, "DoesNotFit", f"{reason or 'the model does not fit'}. {hints}".strip(), plan)
-
-
-def _quantity_bytes(value: str) -> int:
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "k": 10**3, "M": 10**6, "G": 10**9,
-             "T": 10**12}  # fmt: skip
-    for suffix, factor in units.items():
-        if value.endswith(suffix):
-            return int(float(value[: -len(suffix)]) * factor)
-    return int(float(value))
+        return MemoryPlan(st.TRUE, "Fits", (reason or "the model fits the GPU") + by, plan)
+    hints = "; ".join(str(x) for x in plan.get("suggestions") or [])
+    message = f"{reason or 'the model does not fit'}{by}." + (f" What would fit: {hints}" if hints else "")
+    return MemoryPlan(st.FALSE, DOES_NOT_FIT, message, plan)

@@ -10,6 +10,7 @@ Deployment is applied with the new commit and Kubernetes rolls it with maxUnavai
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -36,12 +37,17 @@ from .diagnose import (
     termination_summary,
     waiting,
 )
-from .memory import NO_GPU, MemoryPlan
+from .memory import CACHE_JOB, NO_GPU, MemoryPlan, from_summary, plan_digest
 from .model import VLLMModel
 
 JSON = dict[str, Any]
 
 ANNOTATION_SPEC_HASH = builders.ANNOTATION_PREFIX + "spec-hash"
+# The planner inputs a cache Job's ``--plan-*`` flags were made from (``memory.plan_digest``).
+ANNOTATION_PLAN_DIGEST = builders.ANNOTATION_PREFIX + "plan-digest"
+# The uid of the cache PVC a cache Job filled / a Deployment serves from: a PVC deleted and re-created
+# by hand comes back empty, and a different uid says so.
+ANNOTATION_CLAIM_UID = builders.ANNOTATION_PREFIX + "cache-claim-uid"
 # A failed cache Job with a retryable reason (Hub down, stalled) is re-run after this long.
 RETRY_FAILED_CACHE_AFTER = datetime.timedelta(minutes=5)
 # A cache PVC still Pending after this long is reported (WaitForFirstConsumer binds late, legitimately).
@@ -212,18 +218,52 @@ def human_bytes(n: int | None) -> str:
 # --- the plan ----------------------------------------------------------------------------------------
 
 
+def effective_memory(model: VLLMModel, observed: Observed, cache: CacheState) -> MemoryPlan:
+    """The operator's plan, or -- when it could not make one -- the cache Job's (or the one in status).
+
+    A cache Job's plan counts only while the planner inputs it was made for are the spec's.
+    """
+    memory = observed.memory
+    if not model.spec.get("gpu") or memory.status != st.UNKNOWN or not memory.decided:
+        return memory
+    digest = plan_digest(model)
+    job = observed.jobs.get(cache.job_name)
+    job_plan = (cache.summary or {}).get("plan") if cache.state == "succeeded" else None
+    if isinstance(job_plan, Mapping) and annotations_of(job).get(ANNOTATION_PLAN_DIGEST) == digest:
+        return from_summary({**job_plan, "inputsDigest": digest}, CACHE_JOB)
+    known: Mapping[str, Any] = model.status.get("plan") or {}
+    if known.get("source") == CACHE_JOB and known.get("inputsDigest") == digest:
+        return from_summary(known, CACHE_JOB)  # the Job has been cleaned up since
+    return memory
+
+
 def plan_reconcile(model: VLLMModel, observed: Observed, config: Config) -> Plan:
-    """Decide what to create, update and delete, and what the status says. Pure."""
+    """Decide what to create, update and delete, and what the status says. Pure.
+
+    With ``spec.gpu`` nothing is created until the operator's memory planner has decided, and a spec
+    that does not fit creates nothing (a serving Deployment of an earlier spec is left as it is).
+    """
     actions: list[Action] = []
     events: list[Event] = []
     failures: list[st.Condition] = []
     repo, rev = str(model.spec["model"]), model.revision
     claim = model.cache_claim_name
+    cache = cache_state(model, observed)
+    memory = effective_memory(model, observed, cache)
+    if memory.plan is not None:  # builders read "auto" sizes and the cache size from status.plan
+        model = dataclasses.replace(model, status={**model.status, "plan": memory.plan})
+    # Hold every child while the plan is being made or when the operator's plan says it cannot fit.
+    hold = not memory.decided or observed.memory.does_not_fit
+    if memory.does_not_fit:
+        failures.append(st.Condition(st.FAILED, st.TRUE, memory.reason, memory.message))
+    # Wait for a plan from the cache Job when the operator could not make one.
+    need_job_plan = bool(model.spec.get("gpu")) and memory.status == st.UNKNOWN and memory.decided
+    claim_uid = metadata_of(observed.pvc).get("uid") if observed.pvc is not None else None
 
     # 1. The cache PVC (ours), or check the one the spec names.
     if model.owns_cache_pvc and observed.pvc is None:
         pvc = builders.cache_pvc_for(model, config)
-        if pvc is not None:
+        if pvc is not None and not hold:
             if model.cache.get("deletePolicy", "Retain") == "Delete":
                 owned(pvc, model)
             actions.append(Apply(pvc, created=True))
@@ -244,39 +284,69 @@ def plan_reconcile(model: VLLMModel, observed: Observed, config: Config) -> Plan
             )
 
     # 2. The cache Job of the spec's revision, unless the Deployment already serves that revision.
-    cache = cache_state(model, observed)
     dep_model, dep_revision, dep_commit = deployed(observed)
-    cached_commit: str | None = None
-    if cache.state == "succeeded":
-        cached_commit = cache.commit
-    elif cache.state == "absent" and dep_commit and dep_model == repo and dep_revision == rev:
-        cached_commit = dep_commit  # cached earlier; the Job has since been cleaned up
     desired_job = builders.cache_job_for(model, config)
-    desired_job["metadata"].setdefault("annotations", {})[ANNOTATION_SPEC_HASH] = spec_hash(desired_job)
+    job_annotations = desired_job["metadata"].setdefault("annotations", {})
+    job_annotations[ANNOTATION_SPEC_HASH] = spec_hash(desired_job)
+    if builders.cache_plan_flags(model):
+        job_annotations[ANNOTATION_PLAN_DIGEST] = plan_digest(model)
+    if claim_uid:
+        job_annotations[ANNOTATION_CLAIM_UID] = str(claim_uid)
     owned(desired_job, model)
-    if cached_commit is None and cache.state == "absent":
-        actions.append(Apply(desired_job, created=True))
-        events.append(Event("Normal", "CacheStarted", f"caching {repo}@{rev} into PVC {claim} (Job {cache.job_name})"))
+    job = observed.jobs.get(cache.job_name)
+    job_claim_uid = annotations_of(job).get(ANNOTATION_CLAIM_UID)
+    dep_claim_uid = annotations_of(observed.deployment).get(ANNOTATION_CLAIM_UID)
+    cached_commit: str | None = None
+    if job is not None and claim_uid and job_claim_uid and job_claim_uid != claim_uid:
+        # The PVC was deleted and created again since this Job filled it: the cache is empty now.
+        if not hold:
+            actions.append(Delete(kube.JOBS, model.namespace, cache.job_name, f"PVC {claim} was replaced"))
+            events.append(Event("Warning", "CacheVolumeReplaced", f"PVC {claim} was deleted and created again "
+                                f"since {repo}@{rev} was cached into it; caching again"))  # fmt: skip
+        cache = CacheState(cache.job_name, "running")  # being re-run: nothing cached yet
+    elif cache.state == "succeeded":
+        if need_job_plan and annotations_of(job).get(ANNOTATION_PLAN_DIGEST) != plan_digest(model) and not hold:
+            # The operator cannot plan and this Job's plan is for other inputs: re-run it (the files are cached).
+            actions.append(Delete(kube.JOBS, model.namespace, cache.job_name, "the spec changed: planning again"))
+            cache = CacheState(cache.job_name, "running")
+        else:
+            cached_commit = cache.commit
+    elif (
+        cache.state == "absent" and dep_commit and dep_model == repo and dep_revision == rev
+        and not need_job_plan and (not claim_uid or not dep_claim_uid or dep_claim_uid == claim_uid)
+    ):  # fmt: skip
+        cached_commit = dep_commit  # cached earlier; the Job has since been cleaned up
+    # The Job fills the claim: with a PVC of ours, wait until it is there (its uid goes on the Job).
+    claim_ready = claim_uid is not None or not model.owns_cache_pvc
+    if hold:
+        pass
+    elif cached_commit is None and cache.state == "absent":
+        if claim_ready:
+            actions.append(Apply(desired_job, created=True))
+            events.append(Event("Normal", "CacheStarted",
+                                f"caching {repo}@{rev} into PVC {claim} (Job {cache.job_name})"))  # fmt: skip
     elif cache.state == "failed" and cache.failure is not None:
         failures.append(cache.failure)
-        job = observed.jobs[cache.job_name]
         stale = annotations_of(job).get(ANNOTATION_SPEC_HASH) != spec_hash(desired_job)
         retryable = cache.failure.reason in summaries.REASONS_RETRYABLE or cache.summary is None
         waited = cache.finished_at is not None and observed.now - cache.finished_at > RETRY_FAILED_CACHE_AFTER
         if stale or (retryable and waited):
             why = "the spec changed since it failed" if stale else "retrying a transient failure"
             actions.append(Delete(kube.JOBS, model.namespace, cache.job_name, why))
-    elif cache.state == "running":
-        job = observed.jobs[cache.job_name]
+    elif cache.state == "running" and job is not None:
         pull = waiting(pods_of_job(job, observed.pods), IMAGE_PULL_REASONS)
         if pull is not None:
             failures.append(image_pull_failure(*pull))
 
-    # 3. The Deployment, only ever at a cached commit; 4. the Service in front of it.
+    # 3. The Deployment, only ever at a cached commit that fits; 4. the Service in front of it.
     serving_commit = dep_commit if observed.deployment is not None else None
     deployment = observed.deployment
-    if cached_commit is not None:
+    deploying = cached_commit is not None and not hold and not memory.does_not_fit
+    if deploying:
+        assert cached_commit is not None
         desired_dep = owned(builders.deployment_for(model, config, cached_commit), model)
+        if claim_uid:
+            desired_dep["metadata"]["annotations"][ANNOTATION_CLAIM_UID] = str(claim_uid)
         if deployment is None or not is_subset(desired_dep, deployment):
             actions.append(Apply(desired_dep, created=deployment is None))
             if dep_commit != cached_commit or deployment is None:
@@ -284,7 +354,7 @@ def plan_reconcile(model: VLLMModel, observed: Observed, config: Config) -> Plan
                                     f"now serves {repo} at commit {cached_commit}"))  # fmt: skip
             deployment = None  # being changed: its status says nothing about the new spec yet
         serving_commit = cached_commit
-    if cached_commit is not None or observed.deployment is not None:
+    if (deploying or observed.deployment is not None) and not hold:
         desired_svc = owned(builders.service_for(model, config), model)
         if observed.service is None or not is_subset(desired_svc, observed.service):
             actions.append(Apply(desired_svc, created=observed.service is None))
@@ -298,7 +368,7 @@ def plan_reconcile(model: VLLMModel, observed: Observed, config: Config) -> Plan
     if crash is not None:
         failures.append(crash_loop_failure(*crash))
 
-    status = _desired_status(model, observed, cache, cached_commit, serving_commit, deployment, failures)
+    status = _desired_status(model, observed, memory, cache, cached_commit, serving_commit, deployment, failures)
     return Plan(actions=actions, status=status, events=events)
 
 
@@ -309,6 +379,7 @@ def plan_actions(model: VLLMModel, observed: Observed, config: Config) -> list[A
 def _desired_status(
     model: VLLMModel,
     observed: Observed,
+    memory: MemoryPlan,
     cache: CacheState,
     cached_commit: str | None,
     serving_commit: str | None,
@@ -345,6 +416,9 @@ def _desired_status(
         cached = st.Condition(st.CACHED, st.TRUE, "Cached", f"{repo}@{rev} is commit {cached_commit}{size}")
     elif cache.state == "failed":
         cached = st.Condition(st.CACHED, st.FALSE, "CacheFailed", f"caching {repo}@{rev} failed; see Failed")
+    elif cache.state == "absent" and (not memory.decided or memory.does_not_fit):
+        why = "the memory plan is being made" if not memory.decided else "the spec does not fit the GPU (see MemoryFits)"
+        cached = st.Condition(st.CACHED, st.FALSE, "WaitingForPlan", f"nothing is cached yet: {why}")
     else:
         cached = st.Condition(st.CACHED, st.FALSE, "Caching", f"caching {repo}@{rev} (Job {cache.job_name})")
 
@@ -362,10 +436,14 @@ def _desired_status(
         ready_cond = st.Condition(st.READY, st.FALSE, "WaitingForCache", "the Deployment follows the cache Job")
 
     failed = failures[0] if failures else st.Condition(st.FAILED, st.FALSE, "NoFailure", "")
-    memory = st.Condition(st.MEMORY_FITS, observed.memory.status, observed.memory.reason, observed.memory.message)
+    memory_fits = st.Condition(st.MEMORY_FITS, memory.status, memory.reason, memory.message)
+    # kstatus (Flux) reads Stalled=True as "failed, progress needs a change"; it mirrors Failed.
+    stalled = st.Condition(st.STALLED, failed.status, failed.reason, failed.message)
 
     if failures:
         phase, message = st.FAILED_PHASE, failed.message
+    elif not memory.decided:
+        phase, message = st.PENDING, memory.message
     elif cached_commit is None:
         phase, message = st.CACHING, cached.message
     elif replicas == 0:
@@ -377,7 +455,7 @@ def _desired_status(
 
     conditions = st.merge_conditions(
         model.status.get("conditions"),
-        [cached, ready_cond, failed, memory],
+        [cached, ready_cond, failed, stalled, memory_fits],
         generation=model.generation,
         now=observed.now,
     )
@@ -397,8 +475,8 @@ def _desired_status(
         status["cache"] = cache_summary
     if cached_commit is not None or observed.deployment is not None:
         status["endpoint"] = endpoint
-    if observed.memory.plan is not None:
-        status["plan"] = observed.memory.plan
+    if memory.plan is not None:
+        status["plan"] = memory.plan
     return status
 
 

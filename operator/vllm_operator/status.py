@@ -12,7 +12,8 @@ CACHED = "Cached"
 READY = "Ready"
 FAILED = "Failed"
 MEMORY_FITS = "MemoryFits"
-CONDITION_TYPES = (CACHED, READY, FAILED, MEMORY_FITS)
+STALLED = "Stalled"  # kstatus' abnormal-true condition (Flux): True exactly while Failed is True
+CONDITION_TYPES = (CACHED, READY, FAILED, STALLED, MEMORY_FITS)
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
