@@ -227,11 +227,16 @@ def model_body(name: str) -> dict[str, Any]:
 class OperatorProcess:
     """The operator in a child process; its RSS and CPU time from outside."""
 
-    def __init__(self, server_url: str, log_path: Path) -> None:
+    def __init__(self, server_url: str, log_path: Path, tracemalloc: Path | None = None,
+                 reconcile_interval: float | None = None) -> None:  # fmt: skip
         self.log = log_path.open("w")
+        self.tracemalloc = tracemalloc
+        extra = ["--tracemalloc", str(tracemalloc)] if tracemalloc else []
+        if reconcile_interval is not None:
+            extra += ["--reconcile-interval", str(reconcile_interval)]
         self.proc = subprocess.Popen(  # noqa: S603 - our own argv
             [sys.executable, str(REPO / "bench" / "operator_child.py"), "--server", server_url,
-             "--metrics-port", str(free_port())],
+             "--metrics-port", str(free_port()), *extra],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
         self.ps = psutil.Process(self.proc.pid)
@@ -340,13 +345,14 @@ async def _burst(session: aiohttp.ClientSession, base: str, emu: TimedEmulator, 
     }
 
 
-async def run_async(size: str, workdir: Path) -> dict[str, Any]:
+async def run_async(size: str, workdir: Path, tracemalloc: Path | None = None,
+                    reconcile_interval: float | None = None) -> dict[str, Any]:  # fmt: skip
     sizes = SIZES[size]
     log_path = workdir / "operator.log"
     async with TimedEmulator() as emu, kmock.Server(emu) as server:
         base = str(server.url).rstrip("/")
         parent = psutil.Process()
-        op = OperatorProcess(base, log_path)
+        op = OperatorProcess(base, log_path, tracemalloc, reconcile_interval)
         try:
             async with aiohttp.ClientSession() as session:
                 await _wait_operator_ready(session, base, emu, op)
@@ -361,6 +367,9 @@ async def run_async(size: str, workdir: Path) -> dict[str, Any]:
                 await asyncio.sleep(2.0)  # let the last events drain before reading memory
                 total_models = 1 + sizes["latency_models"] + sizes["burst_models"]
                 rss_loaded, rss_peak = op.rss(), op.peak_rss()
+                if tracemalloc:
+                    op.proc.send_signal(signal.SIGUSR1)
+                    await asyncio.sleep(5.0)
         finally:
             op.stop()
     return {
@@ -386,15 +395,22 @@ async def run_async(size: str, workdir: Path) -> dict[str, Any]:
     }
 
 
-def run(size: str = "tiny", workdir: Path | None = None) -> dict[str, Any]:
+def run(size: str = "tiny", workdir: Path | None = None, tracemalloc: Path | None = None,
+        reconcile_interval: float | None = None) -> dict[str, Any]:  # fmt: skip
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-operator-")))
-        return asyncio.run(run_async(size, workdir))
+        return asyncio.run(run_async(size, workdir, tracemalloc, reconcile_interval))
 
 
 if __name__ == "__main__":
+    import argparse
     import json
 
-    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "tiny", Path(tempfile.mkdtemp())), indent=1))
+    parser = argparse.ArgumentParser(description="the operator benchmark alone (bench/run.py runs it too)")
+    parser.add_argument("size", nargs="?", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--tracemalloc", type=Path, help="diagnostics: the operator's top allocations go here")
+    parser.add_argument("--reconcile-interval", type=float, help="override the operator's periodic resync (s)")
+    args = parser.parse_args()
+    print(json.dumps(run(args.size, Path(tempfile.mkdtemp()), args.tracemalloc, args.reconcile_interval), indent=1))
     os._exit(0)

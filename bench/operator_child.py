@@ -23,7 +23,23 @@ def main() -> int:
     parser.add_argument("--server", required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--reconcile-interval", type=float, default=Config.reconcile_interval_seconds,
+                        help="the periodic resync (VLLM_OPERATOR_RECONCILE_INTERVAL_SECONDS); default as shipped")
+    parser.add_argument("--tracemalloc", metavar="FILE",
+                        help="diagnostics: trace allocations; SIGUSR1 writes the top ones by file to FILE")
     args = parser.parse_args()
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start(1)
+
+        def dump(*_: object) -> None:
+            stats = tracemalloc.take_snapshot().statistics("filename")
+            with open(args.tracemalloc, "w") as out:
+                for stat in stats[:30]:
+                    out.write(f"{stat.size / 2**20:8.1f} MiB {stat.count:8d} blocks  {stat.traceback}\n")
+
+        signal.signal(signal.SIGUSR1, dump)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def login() -> kopf.ConnectionInfo:
@@ -35,7 +51,7 @@ def main() -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # Cluster-wide: with a namespace list kopf first lists /api/v1/namespaces, a path kmock cannot parse.
-        config = Config(metrics_port=args.metrics_port)
+        config = Config(metrics_port=args.metrics_port, reconcile_interval_seconds=args.reconcile_interval)
         await runner.operator_task(config, (), login=login, stop_flag=stop)
 
     asyncio.run(run())

