@@ -70,12 +70,14 @@ class CacheOutcome:
     message: str | None = None
     bytes: int = 5 * 2**20
     files: int = 4
+    plan: dict[str, Any] | None = None  # the memory plan a ``--plan-*`` cache run reports
 
     def summary(self, model: str, revision: str) -> dict[str, Any]:
         base = {"command": "cache", "model": model, "revision": revision}
         if self.ok:
+            extra = {} if self.plan is None else {"plan": self.plan}
             return {**base, "ok": True, "commit": self.commit or commit_for(model, revision), "bytes": self.bytes,
-                    "files": self.files, "verified": True, "completedAt": _now(), "durationSeconds": 1.5}  # fmt: skip
+                    "files": self.files, "verified": True, "completedAt": _now(), "durationSeconds": 1.5, **extra}  # fmt: skip
         return {**base, "ok": False, "reason": self.reason, "message": self.message, "retryable": False}
 
 

@@ -15,6 +15,7 @@ import socket
 import threading
 import urllib.request
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import kmock
@@ -36,9 +37,12 @@ from kube_emulator import (
     commit_for,
 )
 
+from hub_fixtures import TINY_REPO
+
 from vllm_operator import builders, runner
 from vllm_operator.config import Config
 from vllm_operator.model import VLLMModel
+from vllm_runtime.devhub.server import DevHub
 
 pytestmark = [pytest.mark.kmock, pytest.mark.asyncio(loop_scope="module")]
 
@@ -150,17 +154,20 @@ def free_port() -> int:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def cluster() -> AsyncIterator[Cluster]:
-    async with KubeEmulator() as emu, kmock.Server(emu) as server:
-        # A long resync: convergence in these tests must come from watches and retries, not the timer.
-        config = Config(reconcile_interval_seconds=600, metrics_port=free_port())
-        operator = Operator(config, str(server.url).rstrip("/"))
-        await operator.start()
-        try:
-            yield Cluster(emu, operator)
-        finally:
-            if operator.thread is not None:
-                await operator.stop()
+async def cluster(tiny_model_dir: Path) -> AsyncIterator[Cluster]:
+    # A loopback Hub serving TINY_REPO, so the operator's memory planner reads a real config and headers.
+    with DevHub() as hub:
+        hub.add_repo(TINY_REPO, tiny_model_dir)
+        async with KubeEmulator() as emu, kmock.Server(emu) as server:
+            # A long resync: convergence in these tests must come from watches and retries, not the timer.
+            config = Config(reconcile_interval_seconds=600, metrics_port=free_port(), hf_endpoint=hub.url)
+            operator = Operator(config, str(server.url).rstrip("/"))
+            await operator.start()
+            try:
+                yield Cluster(emu, operator)
+            finally:
+                if operator.thread is not None:
+                    await operator.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -169,7 +176,8 @@ def fresh_request_log(cluster: Cluster) -> None:
 
 
 def job_name(namespace: str, name: str, revision: str = "main", **spec: Any) -> str:
-    body = {"metadata": {"name": name, "namespace": namespace}, "spec": {"model": REPO, "revision": revision, **spec}}
+    body = {"metadata": {"name": name, "namespace": namespace},
+            "spec": {"model": REPO, "revision": revision, **spec}}  # fmt: skip
     return builders.cache_job_name(VLLMModel.from_body(body))
 
 
@@ -391,3 +399,82 @@ async def test_image_pull_failure_of_the_cache_pod_is_reported(cluster: Cluster)
     await eventually(lambda: condition(cluster.status(ns, "m"), "Failed")["reason"] == "ImagePullFailed", "Failed")
     message = condition(cluster.status(ns, "m"), "Failed")["message"]
     assert "registry.example/missing:1" in message and "spec.imagePullSecrets" in message
+
+
+def event_count(cluster: Cluster, namespace: str, reason: str) -> int:
+    events = [cluster.emu.read(EVENTS, namespace, n) for n in cluster.emu.names(EVENTS, namespace)]
+    return sum(1 for e in events if e is not None and e.get("reason") == reason)
+
+
+def container_args(obj: dict[str, Any] | None) -> list[str]:
+    assert obj is not None
+    return list(obj["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+async def test_the_memory_plan_decides_before_anything_is_created(cluster: Cluster) -> None:
+    ns, emu = "plan", cluster.emu
+    # 1 MiB of GPU memory: the planner (reading the loopback Hub) says no, and nothing is created.
+    await cluster.create(ns, "m", model=TINY_REPO, gpu={"memory": "1Mi"})
+    await eventually(lambda: cluster.status(ns, "m").get("phase") == "Failed", "phase Failed")
+    status = cluster.status(ns, "m")
+    assert (condition(status, "MemoryFits")["status"], condition(status, "MemoryFits")["reason"]) == (
+        "False", "DoesNotFit")  # fmt: skip
+    assert condition(status, "Failed")["reason"] == "DoesNotFit" and condition(status, "Stalled")["status"] == "True"
+    assert status["plan"]["source"] == "operator" and status["plan"]["fits"] is False
+    await eventually(lambda: event_count(cluster, ns, "DoesNotFit") == 1, "one Warning event")
+    assert [emu.names(r, ns) for r in (PVCS, JOBS, DEPLOYMENTS, SERVICES)] == [[], [], [], []], "nothing created"
+    # A spec that fits: planned again, then cached and deployed.
+    await cluster.patch(ns, "m", {"spec": {"gpu": {"type": "L4"}, "maxModelLen": "auto"}})
+    status = await cluster.ready(ns, "m")
+    assert condition(status, "MemoryFits")["status"] == "True" and status["plan"]["source"] == "operator"
+    args = container_args(emu.read(DEPLOYMENTS, ns, "m"))
+    assert args[args.index("--max-model-len") + 1] == str(status["plan"]["maxModelLen"]), "auto filled from the plan"
+    assert "--plan-gpu" in container_args(emu.read(JOBS, ns, job_name(ns, "m", model=TINY_REPO)))
+    # A new spec that cannot fit is not rolled out: the serving Deployment stays as it is.
+    served = emu.read(DEPLOYMENTS, ns, "m")
+    await cluster.patch(ns, "m", {"spec": {"gpu": {"type": None, "memory": "1Mi"}}})
+    await eventually(lambda: cluster.status(ns, "m").get("phase") == "Failed", "phase Failed again")
+    assert emu.read(DEPLOYMENTS, ns, "m") == served
+    assert condition(cluster.status(ns, "m"), "Ready")["status"] == "True", "the old pods keep serving"
+    await eventually(lambda: event_count(cluster, ns, "DoesNotFit") == 2, "a Warning for the new spec")
+
+
+async def test_the_cache_job_plans_when_the_operator_cannot(cluster: Cluster) -> None:
+    ns, emu = "jobplan", cluster.emu
+    too_big = {"fits": False, "reason": "needs 20 GiB, has 16 GiB", "suggestions": ["set spec.maxModelLen: 2048"]}
+    emu.outcomes["gated"] = CacheOutcome(plan=too_big)
+    # org/tiny is not on the Hub the operator sees (as a gated model without the token): PlanFailed.
+    await cluster.create(ns, "m", revision="gated", gpu={"type": "L4"})
+    await eventually(lambda: condition(cluster.status(ns, "m"), "Failed")["reason"] == "DoesNotFit", "DoesNotFit")
+    status = cluster.status(ns, "m")
+    assert status["plan"]["source"] == "cacheJob" and condition(status, "Cached")["status"] == "True"
+    assert "spec.maxModelLen: 2048" in condition(status, "Failed")["message"]
+    assert emu.names(DEPLOYMENTS, ns) == [], "no Deployment for a spec that does not fit"
+    job = emu.read(JOBS, ns, job_name(ns, "m", "gated"))
+    assert "--plan-gpu" in container_args(job)
+    # The fix: the Job runs again for the new inputs (its files are cached), and the model deploys.
+    emu.outcomes["gated"] = CacheOutcome(plan={"fits": True, "reason": "fits", "maxModelLen": 2048})
+    await cluster.patch(ns, "m", {"spec": {"maxModelLen": 2048}})
+    status = await cluster.ready(ns, "m")
+    assert condition(status, "MemoryFits")["status"] == "True" and status["plan"]["source"] == "cacheJob"
+    assert emu.read(JOBS, ns, job_name(ns, "m", "gated"))["metadata"]["uid"] != job["metadata"]["uid"]  # type: ignore[index]
+
+
+async def test_a_cache_pvc_deleted_by_hand_is_filled_again(cluster: Cluster) -> None:
+    ns, emu = "pvcgone", cluster.emu
+    await cluster.create(ns, "m")
+    await cluster.ready(ns, "m")
+    job = job_name(ns, "m")
+    old_job_uid = emu.read(JOBS, ns, job)["metadata"]["uid"]  # type: ignore[index]
+    old_pvc_uid = emu.read(PVCS, ns, "m-cache")["metadata"]["uid"]  # type: ignore[index]
+    await emu.remove(PVCS, ns, "m-cache")
+    await eventually(lambda: (emu.read(JOBS, ns, job) or {}).get("metadata", {}).get("uid") not in (None, old_job_uid),
+                     "the cache Job runs again")  # fmt: skip
+    new_pvc_uid = emu.read(PVCS, ns, "m-cache")["metadata"]["uid"]  # type: ignore[index]
+    assert new_pvc_uid != old_pvc_uid
+    assert emu.read(JOBS, ns, job)["metadata"]["annotations"]["vllm-operator.io/cache-claim-uid"] == new_pvc_uid  # type: ignore[index]
+    await eventually(lambda: "CacheVolumeReplaced" in cluster.event_reasons(ns), "an Event says why")
+    await eventually(
+        lambda: emu.read(DEPLOYMENTS, ns, "m")["metadata"]["annotations"]["vllm-operator.io/cache-claim-uid"]  # type: ignore[index]
+        == new_pvc_uid, "the Deployment follows the new cache")  # fmt: skip
+    await cluster.ready(ns, "m")
