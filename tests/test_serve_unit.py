@@ -3,20 +3,36 @@ and the supervisor against a stand-in server (tests/fake_vllm.py) for readiness,
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from vllm_runtime import failures, layout, serve, summary, vllm_args
-from vllm_runtime.metrics import GpuMemory, MetricsHTTPServer, Nvml, ServeMetrics, first_value, parse_exposition
+from vllm_runtime.devhub.tiny_model import ModelShape, model_config
+from vllm_runtime.devhub.tiny_model import _tensor_shapes as tensor_shapes
+from vllm_runtime.metrics import (
+    GpuMemory,
+    MetricsHTTPServer,
+    Nvml,
+    ServeMetrics,
+    accelerator_type,
+    first_value,
+    parse_exposition,
+    visible_gpus,
+)
+from vllm_runtime.planner import check_gpu_before_start
 
 HERE = Path(__file__).parent
 REPO = "test-org/tiny-llama"
@@ -240,7 +256,7 @@ def test_without_nvml_gpu_metrics_say_absent_and_nothing_fails() -> None:
         pytest.skip("this machine has a GPU")
     assert first_value(samples, "vllm_runtime_gpu_metrics_available") == 0.0
     assert "vllm_runtime_gpu_memory_used_bytes" not in samples
-    assert serve.accelerator_type(Nvml()) == "cpu"
+    assert accelerator_type(Nvml()) == "cpu"
 
 
 def test_gpu_memory_series_per_device_and_child_rss() -> None:
@@ -250,7 +266,7 @@ def test_gpu_memory_series_per_device_and_child_rss() -> None:
     assert first_value(samples, "vllm_runtime_gpu_memory_free_bytes", gpu="0") == 60 * (1 << 30)
     assert first_value(samples, "vllm_runtime_gpu_memory_total_bytes", gpu="0") == 80 * (1 << 30)
     assert (first_value(samples, "vllm_runtime_vllm_resident_memory_bytes") or 0) > 1 << 20
-    assert serve.accelerator_type(_FakeGpu()) == "NVIDIA-H100"
+    assert accelerator_type(_FakeGpu()) == "NVIDIA-H100"
 
 
 def test_manifest_facts_become_cache_metrics() -> None:
@@ -400,3 +416,160 @@ def test_serve_refuses_to_start_without_a_manifest(tmp_path: Path) -> None:
     message = summary.parse_termination_message((tmp_path / "termination-log").read_text())
     assert message is not None and message["reason"] == "NoCompleteCache"
     assert not (tmp_path / "fake-env.json").exists()  # vLLM never started
+
+
+# ------------------------------------------------------------------ memory check on the GPUs (fake NVML)
+
+GIB = 1 << 30
+LLAMA_8B = ModelShape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, vocab_size=128256)
+LLAMA_70B = replace(LLAMA_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+
+
+def header_only_model(directory: Path, shape: ModelShape) -> Path:
+    """config.json + a bf16 safetensors file holding only its header: all the planner reads."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(model_config(shape, "bfloat16")))
+    header: dict[str, object] = {}
+    offset = 0
+    for name, dims in tensor_shapes(shape):
+        size = 2 * math.prod(dims)
+        header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob)
+    return directory
+
+
+def fake_nvml(*free_total_gib: tuple[float, float]) -> Nvml:
+    rows = [
+        GpuMemory(index=i, name="NVIDIA H100 80GB HBM3", uuid=f"GPU-{i}aaa", total=int(total * GIB) + GIB // 2,
+                  free=int(free * GIB), used=int((total - free) * GIB), reserved=GIB // 2)
+        for i, (free, total) in enumerate(free_total_gib)
+    ]  # fmt: skip
+
+    class _Fake(Nvml):
+        def devices(self) -> list[GpuMemory] | None:
+            return rows
+
+    return _Fake()
+
+
+def local_plan(tmp_path: Path, shape: ModelShape, extra: list[str] | None = None) -> serve.ServePlan:
+    model = header_only_model(tmp_path / "model", shape)
+    return plan_for(tmp_path / "cache", extra or ["--max-model-len", "8192"], model=str(model), revision="main")
+
+
+def test_memory_check_passes_where_the_plan_fits_the_free_memory(tmp_path: Path) -> None:
+    plan = local_plan(tmp_path, LLAMA_8B)
+    check = serve.check_gpu_memory(plan, fake_nvml((79, 79.5)), {}, cpu_build=False)
+    assert check.ok and not check.skipped, check.message
+    assert check.plan is not None and check.plan["fits"] is True and check.plan["maxModelLen"] == 8192
+    assert check.gpus == [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "freeBytes": 79 * GIB,
+                           "totalBytes": int(79.5 * GIB)}]  # fmt: skip  # total as CUDA counts it: less reserved
+
+
+def test_memory_check_refuses_with_the_planners_explanation_and_suggestions(tmp_path: Path) -> None:
+    plan = local_plan(tmp_path, LLAMA_70B)
+    check = serve.check_gpu_memory(plan, fake_nvml((79, 79.5)), {}, cpu_build=False)
+    assert not check.ok and check.plan is not None and check.plan["fits"] is False
+    assert plan.model_dir is not None
+    same = check_gpu_before_start(plan.model_dir, plan.settings, free_bytes=[79 * GIB], total_bytes=[int(79.5 * GIB)])
+    assert check.message.startswith(same.reason)  # the planner's words, then which GPUs were checked
+    assert "weights need" in check.message and "tensorParallelSize" in check.message  # reason and a suggestion
+    assert "79.00 GiB free" in check.message and serve.SKIP_MEMORY_CHECK_ENV in check.message
+    # the same model on the four GPUs the planner suggests fits
+    four = local_plan(tmp_path / "tp4", LLAMA_70B, ["--max-model-len", "8192", "--tensor-parallel-size", "4"])
+    assert serve.check_gpu_memory(four, fake_nvml(*[(79, 79.5)] * 4), {}, cpu_build=False).ok
+
+
+def test_memory_check_refuses_when_another_process_holds_the_gpu(tmp_path: Path) -> None:
+    plan = local_plan(tmp_path, LLAMA_8B)
+    check = serve.check_gpu_memory(plan, fake_nvml((20, 79.5)), {}, cpu_build=False)
+    assert not check.ok and "another process holds GPU memory" in check.message
+    assert "gpuMemoryUtilization to 0.24" in check.message
+
+
+def test_memory_check_counts_only_the_visible_gpus(tmp_path: Path) -> None:
+    plan = local_plan(tmp_path, LLAMA_8B, ["--max-model-len", "8192", "--tensor-parallel-size", "2"])
+    nvml = fake_nvml((79, 79.5), (5, 79.5), (79, 79.5))  # GPU 1 is busy
+    assert not serve.check_gpu_memory(plan, nvml, {}, cpu_build=False).ok  # GPUs 0 and 1
+    ok = serve.check_gpu_memory(plan, nvml, {"CUDA_VISIBLE_DEVICES": "0,2"}, cpu_build=False)
+    assert ok.ok and [g["index"] for g in ok.gpus] == [0, 2]
+    one = serve.check_gpu_memory(plan, nvml, {"CUDA_VISIBLE_DEVICES": "2"}, cpu_build=False)
+    assert not one.ok and "needs 2 GPUs but 1 are visible" in one.message
+
+
+def test_visible_gpus_follow_cuda_and_the_container_runtime() -> None:
+    devices = fake_nvml((1, 2), (1, 2), (1, 2), (1, 2)).devices() or []
+    assert visible_gpus(devices, {}) == devices
+    assert [d.index for d in visible_gpus(devices, {"CUDA_VISIBLE_DEVICES": "3,1"}) or []] == [3, 1]
+    assert [d.index for d in visible_gpus(devices, {"CUDA_VISIBLE_DEVICES": "GPU-2,9,0"}) or []] == [2]  # stops at 9
+    assert visible_gpus(devices, {"CUDA_VISIBLE_DEVICES": ""}) == []
+    # the device plugin's host indices: NVML in the container already lists only those GPUs
+    assert visible_gpus(devices, {"NVIDIA_VISIBLE_DEVICES": "4,5,6,7"}) == devices
+    assert [d.index for d in visible_gpus(devices, {"NVIDIA_VISIBLE_DEVICES": "1,3"}) or []] == [1, 3]  # not filtered
+    assert [d.index for d in visible_gpus(devices, {"NVIDIA_VISIBLE_DEVICES": "GPU-3aaa"}) or []] == [3]
+    assert visible_gpus(devices, {"NVIDIA_VISIBLE_DEVICES": "none"}) == []
+    assert visible_gpus(devices, {"NVIDIA_VISIBLE_DEVICES": "MIG-5e8c"}) is None
+
+
+def test_memory_check_is_skipped_without_nvml_on_the_cpu_build_and_for_mig(tmp_path: Path) -> None:
+    plan = local_plan(tmp_path, LLAMA_70B)
+    no_gpu = serve.check_gpu_memory(plan, _NoGpu(), {}, cpu_build=False)
+    assert no_gpu.ok and no_gpu.skipped and "NVML is unavailable" in no_gpu.message
+    cpu = serve.check_gpu_memory(plan, fake_nvml((1, 2)), {}, cpu_build=True)
+    assert cpu.ok and cpu.skipped and "CPU build" in cpu.message
+    mig = serve.check_gpu_memory(plan, fake_nvml((1, 2)), {"NVIDIA_VISIBLE_DEVICES": "MIG-1"}, cpu_build=False)
+    assert mig.ok and mig.skipped
+    bad_model = tmp_path / "bad"
+    bad_model.mkdir()
+    (bad_model / "config.json").write_text("{}")
+    (bad_model / "model.safetensors").write_bytes(b"\0" * 4)  # not a safetensors file: vLLM will say so itself
+    unreadable = plan_for(tmp_path / "c2", [], model=str(bad_model), revision="main")
+    bad = serve.check_gpu_memory(unreadable, fake_nvml((2, 2)), {}, cpu_build=False)
+    assert bad.ok and bad.skipped and "planner cannot read" in bad.message
+
+
+def run_serve_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nvml: Nvml, *options: str) -> int:
+    """``vllm-runtime serve`` in this process with a fake NVML; vLLM is the stand-in that fails at once."""
+    monkeypatch.setattr(serve, "Nvml", lambda: nvml)
+    monkeypatch.setattr(serve, "vllm_build_is_cpu", lambda: False)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # leave pytest's handlers alone
+    monkeypatch.setenv("FAKE_VLLM_MODE", "fail")
+    monkeypatch.setenv("FAKE_VLLM_FAILURE_LOG", str(HERE / "fixtures" / "vllm_failures" / "kv_cache_too_small.log"))
+    monkeypatch.setenv("FAKE_VLLM_ENV_DUMP", str(tmp_path / "fake-env.json"))
+    monkeypatch.delenv(serve.SKIP_MEMORY_CHECK_ENV, raising=False)
+    model = header_only_model(tmp_path / "model", LLAMA_70B)
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args([
+        "serve", "--model", str(model), "--cache-dir", str(tmp_path / "cache"), "--host", "127.0.0.1",
+        "--port", str(free_port()), "--metrics-port", str(free_port()),
+        "--termination-message-path", str(tmp_path / "termination-log"),
+        "--vllm-command", f"{sys.executable} {HERE / 'fake_vllm.py'}", *options, "--", "--max-model-len", "8192",
+    ])  # fmt: skip
+    return int(args.func(args))
+
+
+def test_serve_fails_fast_when_the_model_does_not_fit_the_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code = run_serve_in_process(tmp_path, monkeypatch, fake_nvml((79, 79.5)))
+    assert code == summary.EXIT_PERMANENT
+    assert not (tmp_path / "fake-env.json").exists()  # vLLM never started
+    message = summary.parse_termination_message((tmp_path / "termination-log").read_text())
+    assert message is not None and message["ok"] is False and message["reason"] == serve.INSUFFICIENT_GPU_MEMORY
+    assert "weights need" in message["message"] and "try:" in message["message"]
+    assert message["gpus"] == [{"index": 0, "freeBytes": 79 * GIB, "totalBytes": int(79.5 * GIB)}]
+    assert message["reason"] in summary.REASONS_PERMANENT
+    status = json.loads(next((tmp_path / "cache" / "state").glob("serve-*.json")).read_text())
+    assert status["failure"]["reason"] == serve.INSUFFICIENT_GPU_MEMORY and status["exitCode"] == 3
+    assert status["memoryCheck"]["ok"] is False and status["memoryCheck"]["plan"]["fits"] is False
+    assert not list((tmp_path / "cache" / "compile").glob("*"))  # nothing created for a start that never happens
+
+
+def test_skip_memory_check_starts_vllm_anyway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code = run_serve_in_process(tmp_path, monkeypatch, fake_nvml((79, 79.5)), "--skip-memory-check")
+    assert code == 1  # the stand-in vLLM ran (and failed as told)
+    assert (tmp_path / "fake-env.json").exists()
+    status = json.loads(next((tmp_path / "cache" / "state").glob("serve-*.json")).read_text())
+    assert status["memoryCheck"]["skipped"] is True and status["failure"]["reason"] == failures.KV_CACHE_TOO_SMALL

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -104,6 +104,55 @@ def _text(value: str | bytes) -> str:
 
 
 _default_nvml = Nvml()
+
+
+def visible_gpus(devices: Sequence[GpuMemory], env: Mapping[str, str]) -> list[GpuMemory] | None:
+    """The GPUs this process may use, in CUDA's numbering, out of the devices NVML lists.
+
+    ``NVIDIA_VISIBLE_DEVICES`` is what the container runtime exposed (Kubernetes' device plugin sets
+    it to the pod's GPUs; NVML inside such a container lists only those, renumbered from 0), and
+    ``CUDA_VISIBLE_DEVICES`` narrows that for the process. Both hold indices or (prefixes of) UUIDs;
+    like CUDA, selection stops at the first entry that names no device. None for MIG instances:
+    NVML's device list shows the whole GPU's memory, not the instance's, so it cannot be checked.
+    """
+    selected = list(devices)
+    exposed = env.get("NVIDIA_VISIBLE_DEVICES")
+    if exposed is not None and exposed.strip() not in ("", "all"):
+        if exposed.strip() in ("none", "void"):
+            return []
+        ids = _device_ids(exposed)
+        if any(i.startswith("MIG-") for i in ids):
+            return None
+        already_filtered = len(ids) == len(selected) and all(i.isdigit() for i in ids)  # host indices
+        if not already_filtered:
+            selected = _select_devices(selected, ids)
+    narrowed = env.get("CUDA_VISIBLE_DEVICES")
+    if narrowed is not None:
+        ids = _device_ids(narrowed)
+        if any(i.startswith("MIG-") for i in ids):
+            return None
+        selected = _select_devices(selected, ids)
+    return selected
+
+
+def _device_ids(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _select_devices(devices: Sequence[GpuMemory], ids: Sequence[str]) -> list[GpuMemory]:
+    out: list[GpuMemory] = []
+    for ident in ids:
+        if ident.lstrip("-").isdigit():
+            index = int(ident)
+            match = devices[index] if 0 <= index < len(devices) else None
+        else:
+            wanted = ident if ident.startswith("GPU-") else "GPU-" + ident
+            match = next((d for d in devices if d.uuid.startswith(wanted)), None)
+        if match is None:
+            break  # CUDA ignores an unknown entry and everything after it
+        if match not in out:
+            out.append(match)
+    return out
 
 
 def accelerator_type(nvml: Nvml | None = None) -> str:

