@@ -418,7 +418,7 @@ async def test_memory_plan_needs_a_hub_model() -> None:
 
 # --- the memory plan decides before anything is created ----------------------------------------------
 
-GPU = {"gpu": {"type": "L4"}}
+GPU: dict[str, Any] = {"gpu": {"type": "L4"}}
 
 
 def memory_of(fits: bool | None, source: str = "operator", **plan: Any) -> MemoryPlan:
@@ -529,3 +529,14 @@ def test_a_replaced_cache_pvc_is_filled_again() -> None:
     plan = plan_reconcile(m, observed(m, deployment=stale_dep, service=service(m)), CONFIG)
     assert kinds(plan.actions) == ["Apply:Job"]
     assert plan.actions[0].obj["metadata"]["annotations"][ANNOTATION_CLAIM_UID] == "pvc-uid-1"  # type: ignore[union-attr]
+
+
+def test_stalled_mirrors_failed_for_kstatus() -> None:
+    """Flux's kstatus reads ``Stalled=True`` as a failed resource (not InProgress until the timeout)."""
+    m = model()
+    failing = plan_reconcile(m, observed(m, jobs=[job(m, "failed", failed("GatedRepo"))]), CONFIG).status
+    stalled, failed_ = condition(failing, "Stalled"), condition(failing, "Failed")
+    assert (stalled["status"], stalled["reason"], stalled["message"]) == ("True", "GatedRepo", failed_["message"])
+    obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(m, NEW), service=service(m))
+    ready = plan_reconcile(m, obs, CONFIG).status
+    assert condition(ready, "Stalled")["status"] == "False" and condition(ready, "Ready")["status"] == "True"
