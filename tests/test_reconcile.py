@@ -540,3 +540,20 @@ def test_stalled_mirrors_failed_for_kstatus() -> None:
     obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(m, NEW), service=service(m))
     ready = plan_reconcile(m, obs, CONFIG).status
     assert condition(ready, "Stalled")["status"] == "False" and condition(ready, "Ready")["status"] == "True"
+
+
+def test_an_operator_restart_does_not_hold_a_serving_model_while_it_plans_again() -> None:
+    from vllm_operator.memory import plan_digest
+
+    m = model(**GPU)
+    known = {"fits": True, "reason": "fits", "source": "operator", "inputsDigest": plan_digest(m)}
+    m = model(status={"plan": known}, **GPU)
+    obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(m, NEW), service=service(m),
+                   memory=PLANNING)  # fmt: skip
+    plan = plan_reconcile(m, obs, CONFIG)
+    assert plan.actions == [] and plan.status["phase"] == "Ready"
+    assert condition(plan.status, "MemoryFits")["status"] == "True"
+    # Other inputs (a spec change): the old plan does not count; hold until planned again.
+    changed = model(status={"plan": known}, maxModelLen=4096, **GPU)
+    assert plan_reconcile(changed, observed(changed, pvc=None, memory=PLANNING), CONFIG).actions == []
+    assert plan_reconcile(changed, observed(changed, pvc=None, memory=PLANNING), CONFIG).status["phase"] == "Pending"

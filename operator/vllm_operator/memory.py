@@ -65,6 +65,7 @@ PLANNING = MemoryPlan(
 )  # fmt: skip
 DOES_NOT_FIT = "DoesNotFit"
 OPERATOR, CACHE_JOB = "operator", "cacheJob"  # status.plan.source: who made the plan
+PLAN_TIMEOUT = 60.0  # seconds; a Hub that does not answer by then makes the plan Unknown (PlanFailed)
 REPLAN_FAILED_AFTER = 600.0  # seconds before a plan that could not be made is tried again
 
 
@@ -96,11 +97,11 @@ async def memory_plan(model: VLLMModel, config: Config) -> MemoryPlan:
         return plan_model(str(model.spec["model"]), revision=model.revision, endpoint=config.hf_endpoint, **kwargs)
 
     try:
-        result = await asyncio.wait_for(asyncio.to_thread(_run), timeout=120)
+        result = await asyncio.wait_for(asyncio.to_thread(_run), timeout=PLAN_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - any planner failure only makes MemoryFits Unknown
         return MemoryPlan(st.UNKNOWN, "PlanFailed", f"the memory planner failed: {type(exc).__name__}: {exc}; "
                           "the cache Job plans from the downloaded files instead"[:1000])  # fmt: skip
-    return from_summary(dict(result.summary()), OPERATOR)
+    return from_summary({**result.summary(), "inputsDigest": plan_digest(model)}, OPERATOR)
 
 
 def from_summary(plan: Mapping[str, Any], source: str) -> MemoryPlan:

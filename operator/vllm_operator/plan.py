@@ -37,7 +37,7 @@ from .diagnose import (
     termination_summary,
     waiting,
 )
-from .memory import CACHE_JOB, NO_GPU, MemoryPlan, from_summary, plan_digest
+from .memory import CACHE_JOB, NO_GPU, OPERATOR, MemoryPlan, from_summary, plan_digest
 from .model import VLLMModel
 
 JSON = dict[str, Any]
@@ -219,12 +219,13 @@ def human_bytes(n: int | None) -> str:
 
 
 def effective_memory(model: VLLMModel, observed: Observed, cache: CacheState) -> MemoryPlan:
-    """The operator's plan, or -- when it could not make one -- the cache Job's (or the one in status).
+    """The operator's plan; while it has none (planning, or it cannot plan), the cache Job's, or the one
+    already in status -- each only while the planner inputs it was made for are the spec's.
 
-    A cache Job's plan counts only while the planner inputs it was made for are the spec's.
+    The plan in status keeps an operator restart (its plans are in memory) from holding a serving model.
     """
     memory = observed.memory
-    if not model.spec.get("gpu") or memory.status != st.UNKNOWN or not memory.decided:
+    if not model.spec.get("gpu") or memory.status != st.UNKNOWN:
         return memory
     digest = plan_digest(model)
     job = observed.jobs.get(cache.job_name)
@@ -232,8 +233,8 @@ def effective_memory(model: VLLMModel, observed: Observed, cache: CacheState) ->
     if isinstance(job_plan, Mapping) and annotations_of(job).get(ANNOTATION_PLAN_DIGEST) == digest:
         return from_summary({**job_plan, "inputsDigest": digest}, CACHE_JOB)
     known: Mapping[str, Any] = model.status.get("plan") or {}
-    if known.get("source") == CACHE_JOB and known.get("inputsDigest") == digest:
-        return from_summary(known, CACHE_JOB)  # the Job has been cleaned up since
+    if known.get("inputsDigest") == digest and known.get("fits") is not None:
+        return from_summary(known, str(known.get("source") or OPERATOR))
     return memory
 
 
@@ -430,6 +431,8 @@ def _desired_status(
         ready_cond = st.Condition(
             st.READY, st.TRUE, "Serving", f"{ready}/{replicas} replicas ready at commit {serving_commit}; {endpoint}"
         )
+    elif observed.deployment is None and memory.does_not_fit:
+        ready_cond = st.Condition(st.READY, st.FALSE, "NotDeployed", "not deployed: the spec does not fit the GPU")
     elif observed.deployment is not None or cached_commit:
         ready_cond = st.Condition(st.READY, st.FALSE, "Loading", "vLLM is starting: loading weights and compiling")
     else:
@@ -473,7 +476,7 @@ def _desired_status(
         status["resolvedRevision"] = serving_commit
     if cache_summary:
         status["cache"] = cache_summary
-    if cached_commit is not None or observed.deployment is not None:
+    if observed.deployment is not None or (cached_commit is not None and not memory.does_not_fit):
         status["endpoint"] = endpoint
     if memory.plan is not None:
         status["plan"] = memory.plan

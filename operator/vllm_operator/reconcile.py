@@ -94,7 +94,9 @@ class Reconciler:
         )
 
     def _memory_plan(self, model: VLLMModel) -> MemoryPlan:
-        """The model's memory plan if made, else start making it in the background (it never delays caching)."""
+        """The model's memory plan if made, else PLANNING while it is made in the background (a thread:
+        the event loop never waits); when done it triggers a reconcile. ``plan_reconcile`` creates nothing
+        while planning."""
         if not model.spec.get("gpu"):
             return NO_GPU
         key = plan_key(model)
