@@ -12,7 +12,8 @@ stands in for what:
 - **Status subresource**: a PATCH on ``.../status`` changes only ``status``; a PATCH on the object
   itself leaves ``status`` alone.
 - **Owner-reference garbage collection** (kube-controller-manager's garbage collector): when an object
-  is gone, objects whose ownerReferences name its uid go too, transitively (background propagation).
+  is gone, objects whose ownerReferences name its uid go too, transitively (background propagation);
+  an object created with owners that are all gone already is collected too.
 - **A Job controller**: a new Job gets ``status.active`` and a Pod (labelled ``job-name``, owned by the
   Job); then, unless the test holds it, the Pod terminates with the termination message of a
   ``CacheOutcome`` (the one-line JSON the real ``vllm-runtime cache`` writes) and the Job completes or
@@ -302,7 +303,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _react(self, resource: kmock.resource, obj: dict[str, Any], before: dict[str, Any] | None) -> None:
         reaction = None
-        if resource == JOBS and before is None:
+        owners = {ref.get("uid") for ref in obj["metadata"].get("ownerReferences") or []}
+        if before is None and owners and not owners & self._live_uids():
+            # Created for an owner that is already gone (a reconcile racing the owner's deletion).
+            meta = obj["metadata"]
+            reaction = self.remove(resource, meta["namespace"], meta["name"])
+        elif resource == JOBS and before is None:
             reaction = self._run_job(obj)
         elif resource == DEPLOYMENTS and (before is None or before.get("spec") != obj.get("spec")):
             reaction = self._roll_deployment(obj)
@@ -313,6 +319,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             task = asyncio.get_running_loop().create_task(reaction)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _live_uids(self) -> set[Any]:
+        return {obj.get("metadata", {}).get("uid") for obj in self.objects.values() if not obj.deleted}
 
     async def _run_job(self, job: dict[str, Any]) -> None:
         await asyncio.sleep(0.05)
