@@ -232,11 +232,12 @@ class OperatorProcess:
         self.log = log_path.open("w")
         self.tracemalloc = tracemalloc
         extra = ["--tracemalloc", str(tracemalloc)] if tracemalloc else []
+        self.metrics_port = free_port()
         if reconcile_interval is not None:
             extra += ["--reconcile-interval", str(reconcile_interval)]
         self.proc = subprocess.Popen(  # noqa: S603 - our own argv
             [sys.executable, str(REPO / "bench" / "operator_child.py"), "--server", server_url,
-             "--metrics-port", str(free_port()), *extra],
+             "--metrics-port", str(self.metrics_port), *extra],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
         self.ps = psutil.Process(self.proc.pid)
@@ -345,6 +346,17 @@ async def _burst(session: aiohttp.ClientSession, base: str, emu: TimedEmulator, 
     }
 
 
+async def _reconcile_count(session: aiohttp.ClientSession, port: int) -> float:
+    """vllm_operator_reconcile_total summed over results, from the operator's own /metrics."""
+    try:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+    except aiohttp.ClientError:
+        return float("nan")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm_operator_reconcile_total{"))  # fmt: skip
+
+
 async def run_async(size: str, workdir: Path, tracemalloc: Path | None = None,
                     reconcile_interval: float | None = None) -> dict[str, Any]:  # fmt: skip
     sizes = SIZES[size]
@@ -367,6 +379,7 @@ async def run_async(size: str, workdir: Path, tracemalloc: Path | None = None,
                 await asyncio.sleep(2.0)  # let the last events drain before reading memory
                 total_models = 1 + sizes["latency_models"] + sizes["burst_models"]
                 rss_loaded, rss_peak = op.rss(), op.peak_rss()
+                reconciles = await _reconcile_count(session, op.metrics_port)
                 if tracemalloc:
                     op.proc.send_signal(signal.SIGUSR1)
                     await asyncio.sleep(5.0)
@@ -384,6 +397,10 @@ async def run_async(size: str, workdir: Path, tracemalloc: Path | None = None,
             "rss_loaded_mb": rss_loaded / 2**20,
             "rss_peak_mb": rss_peak / 2**20,
             "per_model_kb": (rss_loaded - rss_idle) / max(1, total_models) / 1024,
+        },
+        "reconciles": {
+            "total": reconciles,
+            "per_model": reconciles / max(1, total_models),
         },
         "cpu": {
             "operator_ms_per_model_latency": 1000 * (cpu1 - cpu0) / max(1, sizes["latency_models"]),

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import scaling_model  # noqa: E402
 
-UNITS = {"ms", "s", "MB", "B", "B/s", "count"}
+UNITS = {"ms", "s", "MB", "B", "B/s", "count", "reconciles"}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,7 @@ def test_operator_figures_cover_latency_burst_and_memory(tiny_run: tuple[dict, s
     assert op["latency"]["first_p50_ms"] <= op["latency"]["first_p99_ms"]
     assert op["latency"]["first_p50_ms"] <= op["latency"]["ready_p50_ms"]  # Ready comes after the first pass
     assert 10 < op["memory"]["rss_loaded_mb"] < 4096
+    assert op["reconciles"]["per_model"] >= 1  # read from the operator's own /metrics
 
 
 def test_warm_cache_check_reads_metadata_only(tiny_run: tuple[dict, str]) -> None:
