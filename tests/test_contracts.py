@@ -1,5 +1,6 @@
 """The contract modules shared by the operator and the runtime: cache layout and the vLLM flag mapping."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,14 @@ def test_summary_round_trips_through_termination_message() -> None:
     parsed = parse_termination_message("some log line\n" + line + "\n")
     assert parsed is not None and parsed["reason"] == "GatedRepo" and parsed["ok"] is False
     assert parse_termination_message("not json") is None
+
+
+def test_summary_drops_largest_extras_to_fit_and_says_so() -> None:
+    s = Summary(
+        ok=True, command="cache", model="org/name", revision="main", commit="a" * 40, message="m" * 3000,
+        extra={"plan": {"notes": "p" * 5000}, "weightFormat": "safetensors"},
+    )  # fmt: skip
+    data = json.loads(s.to_json())
+    assert len(s.to_json().encode()) <= 4096
+    assert data["commit"] == "a" * 40 and data["weightFormat"] == "safetensors"
+    assert data["truncated"] == ["plan"] and "plan" not in data

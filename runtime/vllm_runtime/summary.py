@@ -83,13 +83,31 @@ class Summary:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        data = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
-        data.update(self.extra)
-        line = json.dumps(data, separators=(",", ":"), sort_keys=True)
-        if len(line.encode()) > MAX_TERMINATION_MESSAGE_BYTES and self.message:
-            self.message = self.message[:1000] + "..."
-            return self.to_json()
-        return line
+        """One JSON line within Kubernetes' 4096-byte termination message limit.
+
+        When too long, the message is shortened first, then the largest extra fields are dropped
+        (their names listed under ``truncated``): the core fields always survive.
+        """
+        core = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
+        extra = dict(self.extra)
+        dropped: list[str] = []
+        while True:
+            data = {**core, **extra}
+            if dropped:
+                data["truncated"] = sorted(dropped)
+            line = json.dumps(data, separators=(",", ":"), sort_keys=True)
+            if len(line.encode()) <= MAX_TERMINATION_MESSAGE_BYTES:
+                return line
+            message = core.get("message")
+            if isinstance(message, str) and len(message) > 1003:  # 1000 characters and "..."
+                core["message"] = message[:1000] + "..."
+            elif extra:
+                largest = max(extra, key=lambda k: len(json.dumps(extra[k], default=str)))
+                del extra[largest]
+                dropped.append(largest)
+            else:
+                core["message"] = str(core.get("message", ""))[:200] + "..."
+                return json.dumps(core, separators=(",", ":"), sort_keys=True)[:MAX_TERMINATION_MESSAGE_BYTES]
 
 
 def write_termination_message(summary: Summary, path: str | Path) -> None:
