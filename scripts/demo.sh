@@ -9,11 +9,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 vllm-runtime demo "$@"
-if vllm-operator render --help >/dev/null 2>&1; then
-  out=${TMPDIR:-/tmp}/vllm-runtime-demo/rendered.yaml
-  mkdir -p "$(dirname "$out")"
-  vllm-operator render -f examples/ > "$out"
-  echo
-  echo "vllm-operator render -f examples/ -> $out (the objects the operator creates for each example):"
-  grep -E '^kind:|^  name:' "$out" | paste - - | awk '{printf "  %-22s %s\n", $2, $4}'
-fi
+out=${TMPDIR:-/tmp}/vllm-runtime-demo/rendered.yaml
+mkdir -p "$(dirname "$out")"
+vllm-operator render -f examples/ > "$out"
+echo
+echo "vllm-operator render -f examples/ -> $out (the objects the operator creates for each example):"
+grep -E '^kind:|^  name:' "$out" | paste - - | awk '{printf "  %-22s %s\n", $2, $4}'
