@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 
@@ -51,7 +52,10 @@ def main() -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # Cluster-wide: with a namespace list kopf first lists /api/v1/namespaces, a path kmock cannot parse.
-        config = Config(metrics_port=args.metrics_port, reconcile_interval_seconds=args.reconcile_interval)
+        # Other VLLM_OPERATOR_* variables (e.g. CHILD_EVENT_DELAY_SECONDS, WORKER_LIMIT) come from the environment.
+        config = dataclasses.replace(
+            Config.from_env(), metrics_port=args.metrics_port, reconcile_interval_seconds=args.reconcile_interval
+        )
         await runner.operator_task(config, (), login=login, stop_flag=stop)
 
     asyncio.run(run())

@@ -30,6 +30,10 @@ VLLM_OPERATOR_CACHE_JOB_DEADLINE_SECONDS  activeDeadlineSeconds of a cache Job  
 VLLM_OPERATOR_CACHE_JOB_CPU               CPU request of a cache Job                   500m
 VLLM_OPERATOR_CACHE_JOB_MEMORY            memory request and limit of a cache Job      2Gi
 VLLM_OPERATOR_RECONCILE_INTERVAL_SECONDS  period of the level-triggered reconcile      30
+VLLM_OPERATOR_CHILD_EVENT_DELAY_SECONDS   a child's watch event waits this long, so    0 (react at once)
+                                          a burst of events makes one reconcile
+VLLM_OPERATOR_WORKER_LIMIT                most per-object workers kopf runs at once    0 (unlimited)
+                                          per watched kind (bounds a burst's memory)
 VLLM_OPERATOR_FIELD_MANAGER               field manager name for writes                vllm-operator
 ========================================  ===========================================  ==========================
 """
@@ -67,6 +71,8 @@ class Config:
     cache_job_cpu: str = "500m"
     cache_job_memory: str = "2Gi"
     reconcile_interval_seconds: float = 30.0
+    child_event_delay_seconds: float = 0.0
+    worker_limit: int = 0
     field_manager: str = "vllm-operator"
 
     @classmethod
@@ -123,5 +129,9 @@ class Config:
             reconcile_interval_seconds=float(
                 number("RECONCILE_INTERVAL_SECONDS", defaults.reconcile_interval_seconds, float)
             ),
+            child_event_delay_seconds=float(
+                number("CHILD_EVENT_DELAY_SECONDS", defaults.child_event_delay_seconds, float)
+            ),
+            worker_limit=int(number("WORKER_LIMIT", defaults.worker_limit, int)),
             field_manager=text("FIELD_MANAGER", defaults.field_manager),
         )

@@ -2,7 +2,8 @@
 
 - VLLMModel created, spec changed, or found at start-up -> reconcile it (kopf retries on TemporaryError).
 - A child (PVC, cache Job, its Pods, Deployment, Service) changed or was deleted -> reconcile its model,
-  so a child deleted by hand comes back at once and the Job's outcome reaches the status.
+  so a child deleted by hand comes back at once and the Job's outcome reaches the status. Child events
+  are coalesced: the first waits ``child_event_delay_seconds``, those arriving meanwhile only join it.
 - Every ``reconcile_interval_seconds`` every VLLMModel is reconciled again (level-triggered safety net).
 
 No finalizer: children carry ownerReferences and Kubernetes' garbage collector removes them with the
@@ -61,6 +62,7 @@ def register(
         settings.watching.client_timeout = 300
         settings.networking.request_timeout = 60
         settings.queueing.error_delays = (1, 2, 5, 10, 30, 60)
+        settings.queueing.worker_limit = config.worker_limit or None
         background["metrics"] = metrics.serve(config.metrics_port)
         background["resync"] = asyncio.create_task(_resync(reconciler, config, namespaces, logger))
 
@@ -92,9 +94,18 @@ def register(
 
         @kopf.on.event(child.group, child.version, child.plural, labels=CHILD_LABELS, registry=registry)
         async def child_changed(
-            namespace: str | None, labels: Mapping[str, str], logger: kopf.Logger, **_: Any
+            namespace: str | None,
+            labels: Mapping[str, str],
+            body: kopf.Body,
+            type: str | None,
+            logger: kopf.Logger,
+            child: kube.Resource = child,
+            **_: Any,
         ) -> None:
-            await reconciler.trigger(namespace or "default", labels[builders.LABEL_MODEL], logger)
+            ns, model = namespace or "default", labels[builders.LABEL_MODEL]
+            if type != "DELETED" and reconciler.is_own_write(child, ns, model, body):
+                return  # the echo of a reconcile's own apply: that reconcile already saw this state
+            await reconciler.trigger(ns, model, logger, delay=config.child_event_delay_seconds)
 
     return reconciler
 

@@ -71,6 +71,9 @@ class Reconciler:
         self._plans: dict[str, tuple[MemoryPlan, float]] = {}  # plan key -> (plan, when made)
         self._planning: dict[str, asyncio.Task[None]] = {}
         self._retries: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        # (namespace, model) -> (plural, child name) -> resourceVersion of the operator's own last write:
+        # its watch echo tells the reconcile that wrote it nothing new, so it triggers no further reconcile.
+        self._written: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
 
     async def observe(self, model: VLLMModel) -> Observed:
         ns, labels = model.namespace, {builders.LABEL_MODEL: model.name, **MANAGED_BY}
@@ -136,12 +139,20 @@ class Reconciler:
             metrics.set_phase(namespace, name, phase)
             return phase
 
-    async def trigger(self, namespace: str, name: str, logger: logging.Logger | kopf.Logger) -> None:
-        """Reconcile on a child's or the resync's behalf: coalesced, retried later on failure."""
+    async def trigger(
+        self, namespace: str, name: str, logger: logging.Logger | kopf.Logger, *, delay: float = 0.0
+    ) -> None:
+        """Reconcile on a child's or the resync's behalf: coalesced, retried later on failure.
+
+        ``delay``: wait this long first, so that the burst of watch events one step causes (the
+        operator's own writes, a Job and its Pod changing together) ends in one reconcile, not one each.
+        """
         state = self._models.setdefault((namespace, name), _ModelState())
         if state.pending:
             return  # a reconcile is already queued; it will read the newest state
         state.pending = True
+        if delay > 0:
+            await asyncio.sleep(delay)
         try:
             await self.reconcile(namespace, name, logger)
         except kopf.TemporaryError as exc:
@@ -167,6 +178,7 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str) -> None:
         self._models.pop((namespace, name), None)
+        self._written.pop((namespace, name), None)
         handle = self._retries.pop((namespace, name), None)
         if handle is not None:
             handle.cancel()
@@ -192,7 +204,7 @@ class Reconciler:
         plan = plan_reconcile(model, observed, self.config)
         for action in plan.actions:
             try:
-                await self._act(action)
+                await self._act(model, action)
             except kube.ApiError as exc:
                 if exc.retryable:
                     raise kopf.TemporaryError(f"{action}: {exc}", delay=2) from exc
@@ -205,9 +217,20 @@ class Reconciler:
         await self._write_status(body, plan.status, logger)
         return str(plan.status.get("phase"))
 
-    async def _act(self, action: Action) -> None:
+    def is_own_write(self, resource: kube.Resource, namespace: str, model: str, body: Mapping[str, Any]) -> bool:
+        """Whether a child's watch event only echoes this operator's last write of it (nothing new)."""
+        meta = metadata_of(body)
+        version = meta.get("resourceVersion")
+        written = self._written.get((namespace, model), {})
+        return version is not None and written.pop((resource.plural, str(meta.get("name"))), None) == str(version)
+
+    async def _act(self, model: VLLMModel, action: Action) -> None:
         if isinstance(action, Apply):
-            await self.client.apply(action.obj)
+            written = metadata_of(await self.client.apply(action.obj))
+            version = written.get("resourceVersion")
+            if version is not None:
+                child = (kube.resource_of(action.obj).plural, str(written.get("name")))
+                self._written.setdefault((model.namespace, model.name), {})[child] = str(version)
         else:
             await self.client.delete(action.resource, action.namespace, action.name)
 
