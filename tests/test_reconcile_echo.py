@@ -1,4 +1,5 @@
-"""A child's watch event that only echoes the operator's own apply triggers no reconcile; anything else does."""
+"""Child watch events: an echo of the operator's own apply triggers no reconcile; the children are observed
+from the watches once read, and the resync reads them again."""
 
 from __future__ import annotations
 
@@ -57,3 +58,50 @@ async def test_forgetting_a_model_drops_its_own_writes() -> None:
     await reconciler._act(_model(), Apply({**_service(""), "spec": {}}, created=True))
     reconciler.forget("ns", "m")
     assert not reconciler.is_own_write(kube.SERVICES, "ns", "m", _service("1"))
+
+
+def _child(kind: str, name: str, version: str) -> dict[str, Any]:
+    labels = {"vllm-operator.io/model": "m", "app.kubernetes.io/managed-by": "vllm-operator"}
+    metadata = {"name": name, "namespace": "ns", "resourceVersion": version, "labels": labels}
+    return {"apiVersion": "apps/v1" if kind == "Deployment" else "v1", "kind": kind, "metadata": metadata}
+
+
+class _ReadingClient(_ApplyingClient):
+    """The API as read once: a Deployment and no other child."""
+
+    def __init__(self, deployment: dict[str, Any]) -> None:
+        super().__init__()
+        self.reads = 0
+        self.deployment = deployment
+
+    async def get(self, resource: kube.Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads += resource != kube.PVCS  # the PVC is always read
+        return self.deployment if resource == kube.DEPLOYMENTS else None
+
+    async def list(self, resource: kube.Resource, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        self.reads += 1
+        return []
+
+
+async def test_children_come_from_the_watches_after_one_read_and_a_deletion_is_seen() -> None:
+    from vllm_operator import builders
+
+    model = _model()
+    deployment = _child("Deployment", builders.deployment_name(model), "5")
+    client = _ReadingClient(deployment)
+    reconciler = Reconciler(client, Config())  # type: ignore[arg-type]
+
+    first = await reconciler.observe(model, fresh=False)  # never read: reads the API
+    assert first.deployment == deployment and client.reads > 0
+    reads = client.reads
+
+    reconciler.seen(kube.DEPLOYMENTS, "ns", "m", _child("Deployment", deployment["metadata"]["name"], "4"))
+    assert (await reconciler.observe(model, fresh=False)).deployment == deployment  # an older report: ignored
+    newer = _child("Deployment", deployment["metadata"]["name"], "6")
+    reconciler.seen(kube.DEPLOYMENTS, "ns", "m", newer)
+    assert (await reconciler.observe(model, fresh=False)).deployment == newer
+    reconciler.seen(kube.DEPLOYMENTS, "ns", "m", newer, deleted=True)  # deleted by hand
+    assert (await reconciler.observe(model, fresh=False)).deployment is None
+    assert client.reads == reads  # all from the watches
+
+    assert (await reconciler.observe(model, fresh=True)).deployment == deployment  # the resync reads again

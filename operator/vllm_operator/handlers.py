@@ -103,9 +103,11 @@ def register(
             **_: Any,
         ) -> None:
             ns, model = namespace or "default", labels[builders.LABEL_MODEL]
-            if type != "DELETED" and reconciler.is_own_write(child, ns, model, body):
+            deleted = type == "DELETED"
+            reconciler.seen(child, ns, model, body, deleted=deleted)
+            if not deleted and reconciler.is_own_write(child, ns, model, body):
                 return  # the echo of a reconcile's own apply: that reconcile already saw this state
-            await reconciler.trigger(ns, model, logger, delay=config.child_event_delay_seconds)
+            await reconciler.trigger(ns, model, logger, delay=config.child_event_delay_seconds, fresh=False)
 
     return reconciler
 

@@ -1,7 +1,10 @@
 """Reconcile one VLLMModel: read the actual state, plan (``plan.plan_reconcile``, pure), then act.
 
 Every trigger -- kopf's create/update/resume handlers, a child's watch event, the periodic resync --
-ends in ``Reconciler.reconcile``: one run at a time per model, the parent read fresh each time.
+ends in ``Reconciler.reconcile``: one run at a time per model, the parent read fresh each time. The
+children are read from the API on a model's first reconcile and on every resync; a child's watch event
+reconciles from what the watches and the operator's own applies reported since (no reads but the model
+and its PVC), and an event that only echoes the operator's own apply triggers nothing.
 Children are written with server-side apply; the status is merge-patched only when it changed;
 Events are posted for each step and on condition transitions only.
 """
@@ -74,27 +77,77 @@ class Reconciler:
         # (namespace, model) -> (plural, child name) -> resourceVersion of the operator's own last write:
         # its watch echo tells the reconcile that wrote it nothing new, so it triggers no further reconcile.
         self._written: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
+        # (namespace, model) -> (plural, name) -> the child's newest body from watch events and applies;
+        # models in ``_read`` were read from the API once, so their children's absence here is real.
+        self._children: dict[tuple[str, str], dict[tuple[str, str], JSON]] = {}
+        self._read: set[tuple[str, str]] = set()
 
-    async def observe(self, model: VLLMModel) -> Observed:
+    async def observe(self, model: VLLMModel, *, fresh: bool = True) -> Observed:
+        """The model's children: read from the API when ``fresh`` or the model was not read yet, else
+        from what the watches and the operator's own applies reported since (``seen``)."""
         ns, labels = model.namespace, {builders.LABEL_MODEL: model.name, **MANAGED_BY}
         claim = model.cache_claim_name
-        pvc, jobs, pods, deployment, service = await asyncio.gather(
-            self.client.get(kube.PVCS, ns, claim) if claim else _none(),
-            self.client.list(kube.JOBS, ns, labels),
-            self.client.list(kube.PODS, ns, labels),
-            self.client.get(kube.DEPLOYMENTS, ns, builders.deployment_name(model)),
-            self.client.get(kube.SERVICES, ns, builders.service_name(model)),
-        )
+        key = (ns, model.name)
+        if fresh or key not in self._read:
+            # The PVC may be shared or the user's (no model label): always read.
+            pvc, jobs, pods, deployment, service = await asyncio.gather(
+                self.client.get(kube.PVCS, ns, claim) if claim else _none(),
+                self.client.list(kube.JOBS, ns, labels),
+                self.client.list(kube.PODS, ns, labels),
+                self.client.get(kube.DEPLOYMENTS, ns, builders.deployment_name(model)),
+                self.client.get(kube.SERVICES, ns, builders.service_name(model)),
+            )
+            self._read.add(key)
+            children = self._children.setdefault(key, {})
+            for resource, objs in ((kube.JOBS, jobs), (kube.PODS, pods)):
+                read = {(resource.plural, str(metadata_of(o).get("name"))) for o in objs}
+                for gone in [k for k in children if k[0] == resource.plural and k not in read]:
+                    del children[gone]
+                for obj in objs:
+                    self.seen(resource, ns, model.name, obj)
+            named: tuple[tuple[kube.Resource, str, JSON | None], ...] = (
+                (kube.DEPLOYMENTS, builders.deployment_name(model), deployment),
+                (kube.SERVICES, builders.service_name(model), service),
+            )
+            for resource, name, found in named:
+                if found is None:
+                    children.pop((resource.plural, name), None)
+                else:
+                    self.seen(resource, ns, model.name, found)
+        else:
+            pvc = await self.client.get(kube.PVCS, ns, claim) if claim else None
+            children = self._children.get(key, {})
+            jobs = [o for (plural, _), o in children.items() if plural == kube.JOBS.plural]
+            pods = [o for (plural, _), o in children.items() if plural == kube.PODS.plural]
+            deployment = children.get((kube.DEPLOYMENTS.plural, builders.deployment_name(model)))
+            service = children.get((kube.SERVICES.plural, builders.service_name(model)))
         memory = self._memory_plan(model)
         return Observed(
             now=self._clock(),
             pvc=pvc,
             jobs={str(j["metadata"]["name"]): j for j in jobs},
-            pods=pods,
+            pods=list(pods),
             deployment=deployment,
             service=service,
             memory=memory,
         )
+
+    def seen(self, resource: kube.Resource, namespace: str, model: str, body: Mapping[str, Any], *,
+             deleted: bool = False) -> None:
+        """Record a child of ``model`` as a watch event or an apply reported it; an older report than the
+        one kept (by resourceVersion) changes nothing."""
+        if resource not in _KEPT:
+            return
+        meta = metadata_of(body)
+        children = self._children.setdefault((namespace, model), {})
+        key = (resource.plural, str(meta.get("name")))
+        kept = children.get(key)
+        version, kept_version = meta.get("resourceVersion"), metadata_of(kept or {}).get("resourceVersion")
+        if deleted:
+            if kept is not None and not _older(version, kept_version):
+                del children[key]  # else re-created since: the newer one stays
+        elif kept is None or not _older(version, kept_version):
+            children[key] = dict(body)
 
     def _memory_plan(self, model: VLLMModel) -> MemoryPlan:
         """The model's memory plan if made, else PLANNING while it is made in the background (a thread:
@@ -117,7 +170,9 @@ class Reconciler:
             self._planning.pop(key, None)
         await self.trigger(model.namespace, model.name, _log)
 
-    async def reconcile(self, namespace: str, name: str, logger: logging.Logger | kopf.Logger) -> str | None:
+    async def reconcile(
+        self, namespace: str, name: str, logger: logging.Logger | kopf.Logger, *, fresh: bool = True
+    ) -> str | None:
         """Reconcile one model now; its phase, or None when it is gone.
 
         Raises kopf.TemporaryError when the API fails in a way worth retrying, kopf.PermanentError for
@@ -128,7 +183,7 @@ class Reconciler:
             state.pending = False  # from here on, a new event needs a new run
             started = asyncio.get_running_loop().time()
             try:
-                phase = await self._reconcile(namespace, name, logger)
+                phase = await self._reconcile(namespace, name, logger, fresh=fresh)
             except kopf.TemporaryError:
                 metrics.record_reconcile("retry", asyncio.get_running_loop().time() - started)
                 raise
@@ -140,12 +195,19 @@ class Reconciler:
             return phase
 
     async def trigger(
-        self, namespace: str, name: str, logger: logging.Logger | kopf.Logger, *, delay: float = 0.0
+        self,
+        namespace: str,
+        name: str,
+        logger: logging.Logger | kopf.Logger,
+        *,
+        delay: float = 0.0,
+        fresh: bool = True,
     ) -> None:
         """Reconcile on a child's or the resync's behalf: coalesced, retried later on failure.
 
         ``delay``: wait this long first, so that the burst of watch events one step causes (the
         operator's own writes, a Job and its Pod changing together) ends in one reconcile, not one each.
+        ``fresh=False`` (a child's watch event): observe the children from what the watches reported.
         """
         state = self._models.setdefault((namespace, name), _ModelState())
         if state.pending:
@@ -154,7 +216,7 @@ class Reconciler:
         if delay > 0:
             await asyncio.sleep(delay)
         try:
-            await self.reconcile(namespace, name, logger)
+            await self.reconcile(namespace, name, logger, fresh=fresh)
         except kopf.TemporaryError as exc:
             logger.info(f"{namespace}/{name}: {exc}; retrying in {exc.delay}s")
             self._retry_later(namespace, name, logger, float(exc.delay or 10))
@@ -179,6 +241,8 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         self._models.pop((namespace, name), None)
         self._written.pop((namespace, name), None)
+        self._children.pop((namespace, name), None)
+        self._read.discard((namespace, name))
         handle = self._retries.pop((namespace, name), None)
         if handle is not None:
             handle.cancel()
@@ -191,7 +255,9 @@ class Reconciler:
         for task in self._planning.values():
             task.cancel()
 
-    async def _reconcile(self, namespace: str, name: str, logger: logging.Logger | kopf.Logger) -> str | None:
+    async def _reconcile(
+        self, namespace: str, name: str, logger: logging.Logger | kopf.Logger, *, fresh: bool
+    ) -> str | None:
         body = await _api(self.client.get(kube.VLLMMODELS, namespace, name))
         if body is None or metadata_of(body).get("deletionTimestamp"):
             return None  # gone or going: owner references take the children with it
@@ -200,7 +266,7 @@ class Reconciler:
         except ValueError as exc:
             await self._write_status(body, _invalid_spec_status(body, str(exc), self._clock()), logger)
             raise kopf.PermanentError(str(exc)) from exc
-        observed = await _api(self.observe(model))
+        observed = await _api(self.observe(model, fresh=fresh))
         plan = plan_reconcile(model, observed, self.config)
         for action in plan.actions:
             try:
@@ -226,13 +292,16 @@ class Reconciler:
 
     async def _act(self, model: VLLMModel, action: Action) -> None:
         if isinstance(action, Apply):
-            written = metadata_of(await self.client.apply(action.obj))
+            applied = await self.client.apply(action.obj)
+            self.seen(kube.resource_of(action.obj), model.namespace, model.name, applied)
+            written = metadata_of(applied)
             version = written.get("resourceVersion")
             if version is not None:
                 child = (kube.resource_of(action.obj).plural, str(written.get("name")))
                 self._written.setdefault((model.namespace, model.name), {})[child] = str(version)
         else:
             await self.client.delete(action.resource, action.namespace, action.name)
+            self._children.get((model.namespace, model.name), {}).pop((action.resource.plural, action.name), None)
 
     async def _write_status(self, body: Mapping[str, Any], new: Mapping[str, Any], logger: Any) -> None:
         old = body.get("status") or {}
@@ -247,6 +316,19 @@ class Reconciler:
 
 async def _none() -> None:
     return None
+
+
+# Children kept from the watches (the PVC is always read: it may be shared or the user's).
+_KEPT = (kube.JOBS, kube.PODS, kube.DEPLOYMENTS, kube.SERVICES)
+
+
+def _older(version: Any, than: Any) -> bool:
+    """Whether resourceVersion ``version`` is known to be older than ``than`` (they are opaque to clients,
+    but etcd revisions in practice; where either is not a number, nothing is known to be older)."""
+    try:
+        return int(str(version)) < int(str(than))
+    except ValueError:
+        return False
 
 
 async def _api(call: Awaitable[Any]) -> Any:
