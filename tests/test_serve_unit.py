@@ -204,6 +204,9 @@ def test_cpu_start_up_lines_record_every_phase_in_order() -> None:
     assert tracker.compile_cache_hit is None
     tracker.mark_healthy()
     assert "healthy" in tracker.phases
+    # Healthy with no compiled-graph load logged: a miss, exported as 0 (the dashboard's panel needs a value).
+    assert tracker.compile_cache_hit is False
+    assert first_value(parse_exposition(tracker.metrics.exposition().decode()), "vllm_runtime_compile_cache_hit") == 0.0
 
 
 def test_gpu_lines_and_a_compile_cache_hit() -> None:

@@ -427,6 +427,11 @@ class PhaseTracker:
             self._phase("kv_cache_allocated")
 
     def mark_healthy(self) -> float:
+        # vLLM logs a compiled-graph load before it is healthy; none by now (eager mode, or a miss
+        # it does not log) means this start did not load a compiled graph from the cache.
+        if self.compile_cache_hit is None:
+            self.compile_cache_hit = False
+            self.metrics.compile_cache_hit.set(0)
         return self._phase("healthy")
 
     def _compile_done(self) -> None:
