@@ -147,7 +147,8 @@ class Reconciler:
             if kept is not None and not _older(version, kept_version):
                 del children[key]  # else re-created since: the newer one stays
         elif kept is None or not _older(version, kept_version):
-            children[key] = dict(body)
+            # managedFields: often the largest part of a body, and nothing the planner reads.
+            children[key] = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
 
     def _memory_plan(self, model: VLLMModel) -> MemoryPlan:
         """The model's memory plan if made, else PLANNING while it is made in the background (a thread:
