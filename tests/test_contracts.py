@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_runtime import layout, vllm_args
+from vllm_runtime import layout, units, vllm_args
 from vllm_runtime.summary import Summary, parse_termination_message
 
 
@@ -131,3 +131,24 @@ def test_summary_drops_largest_extras_to_fit_and_says_so() -> None:
     assert len(s.to_json().encode()) <= 4096
     assert data["commit"] == "a" * 40 and data["weightFormat"] == "safetensors"
     assert data["truncated"] == ["plan"] and "plan" not in data
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("80GiB", 80 * 1024**3), ("80Gi", 80 * 1024**3), ("24GB", 24 * 10**9), ("500M", 500 * 10**6),
+     ("1.5Ti", int(1.5 * 1024**4)), ("2P", 2 * 10**15), ("123", 123), (4096, 4096)],
+)  # fmt: skip
+def test_one_size_parser_reads_what_people_and_kubernetes_write(text: str | int, expected: int) -> None:
+    assert units.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "10 gigs", "-1Gi", "1.Gi", ""])
+def test_bad_sizes_name_the_accepted_forms(text: str) -> None:
+    with pytest.raises(ValueError, match=r"80GiB, 80Gi, 500MB"):
+        units.parse_size(text)
+
+
+def test_human_bytes() -> None:
+    assert [units.human_bytes(n) for n in (None, 0, 1023, 1536, 3 * 1024**3, 5 * 1024**4)] == [
+        "0 B", "0 B", "1023 B", "1.5 KiB", "3.0 GiB", "5.0 TiB",
+    ]  # fmt: skip

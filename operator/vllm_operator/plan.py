@@ -20,6 +20,7 @@ from typing import Any
 
 from vllm_runtime import layout
 from vllm_runtime import summary as summaries
+from vllm_runtime.units import human_bytes
 
 from . import builders, kube
 from . import status as st
@@ -202,17 +203,6 @@ def rollout_complete(deployment: Mapping[str, Any] | None, replicas: int) -> boo
     if generation is not None and (status.get("observedGeneration") or 0) < generation:
         return False
     return (status.get("updatedReplicas") or 0) >= replicas and (status.get("readyReplicas") or 0) >= replicas
-
-
-def human_bytes(n: int | None) -> str:
-    if not n:
-        return "0 B"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{n} B"
 
 
 # --- the plan ----------------------------------------------------------------------------------------

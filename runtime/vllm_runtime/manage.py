@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import shutil
 import sys
 import time
@@ -33,9 +32,8 @@ from typing import Any
 
 import filelock
 
-from vllm_runtime import summary
+from vllm_runtime import summary, units
 from vllm_runtime.cache.manifest import list_manifests
-from vllm_runtime.cache.progress import human_bytes
 from vllm_runtime.cache.usage import (
     LEASE_TTL_SECONDS,
     in_use_by,
@@ -44,6 +42,7 @@ from vllm_runtime.cache.usage import (
     release,
 )
 from vllm_runtime.layout import CacheLayout, is_commit, parse_model, repo_folder_name
+from vllm_runtime.units import human_bytes
 
 __all__ = ["CachedCommit", "gc", "list_cache", "mark_in_use", "parse_size", "register", "release", "remove"]
 
@@ -51,12 +50,11 @@ log = logging.getLogger(__name__)
 
 
 def parse_size(text: str) -> int:
-    """Bytes from ``10Gi``, ``10GiB``, ``500M``, ``500MB``, ``1.5T`` or a plain number."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 50Gi, 500MB or a number of bytes)")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGTP".index((m.group(2) or " ").upper()))
+    """``units.parse_size`` for argparse: a bad size becomes a usage error that names the forms."""
+    try:
+        return units.parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 @dataclass

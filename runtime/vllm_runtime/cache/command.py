@@ -42,7 +42,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.tqdm import disable_progress_bars
 
-from vllm_runtime import summary
+from vllm_runtime import summary, units
 from vllm_runtime.cache import progress
 from vllm_runtime.cache.errors import CacheError, classify, is_retryable_transfer_error
 from vllm_runtime.cache.manifest import (
@@ -338,7 +338,7 @@ def cache_hub_model(opts: CacheOptions, repo_id: str) -> summary.Summary:
     warm = None if opts.verify_existing else _warm(opts, repo_id, commit)
     if warm is not None:
         log.info("%s@%s is already cached and verified (%d files, %s)", repo_id, commit, warm["fileCount"],
-                 progress.human_bytes(warm["bytes"]))
+                 units.human_bytes(warm["bytes"]))
         _note_revision(opts, repo_id, warm)
         return _success(opts, repo_id, warm, began, reused=True, downloaded=0)
 
@@ -376,13 +376,13 @@ def _check_space(layout: CacheLayout, blobs_dir: Path, selection: Selection) -> 
     needed = sum(missing.values())
     where = _existing_ancestor(layout.hub_cache)
     free = shutil.disk_usage(where).free
-    log.info("%s to download (%d files), %s free on %s", progress.human_bytes(needed), len(missing),
-             progress.human_bytes(free), where)
+    log.info("%s to download (%d files), %s free on %s", units.human_bytes(needed), len(missing),
+             units.human_bytes(free), where)
     if needed > free:
         raise CacheError(
             "InsufficientSpace",
-            f"the model needs {needed} more bytes ({progress.human_bytes(needed)}) but only {free} bytes "
-            f"({progress.human_bytes(free)}) are free on the cache volume: raise spec.cache.size (or use a larger "
+            f"the model needs {needed} more bytes ({units.human_bytes(needed)}) but only {free} bytes "
+            f"({units.human_bytes(free)}) are free on the cache volume: raise spec.cache.size (or use a larger "
             "existing claim), or free space with `vllm-runtime gc --max-size`",
         )
     return needed
@@ -457,8 +457,8 @@ def _download_commit(
     rate = downloaded / download_seconds if download_seconds > 0 else 0.0
     log.info(
         "cached %s@%s: %d files, %s (%s downloaded in %.1f s, %s/s), verified in %.2f s",
-        repo_id, commit, manifest["fileCount"], progress.human_bytes(manifest["bytes"]),
-        progress.human_bytes(downloaded), download_seconds, progress.human_bytes(rate),
+        repo_id, commit, manifest["fileCount"], units.human_bytes(manifest["bytes"]),
+        units.human_bytes(downloaded), download_seconds, units.human_bytes(rate),
         fetcher.verification_seconds,
     )
     return manifest, downloaded
@@ -499,7 +499,7 @@ def check_local_model(opts: CacheOptions, directory: Path) -> summary.Summary:
         raise CacheError("NoWeights", f"{directory}: {error}") from None
     total = sum(f.size for f in selection.files)
     log.info("%s is a local model (%s weights, %d files, %s); nothing to download", directory,
-             selection.weight_format, len(selection.files), progress.human_bytes(total))
+             selection.weight_format, len(selection.files), units.human_bytes(total))
     progress.COMPLETE.set(1)
     progress.CACHE_BYTES.set(total)
     progress.CACHE_FILES.set(len(selection.files))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from vllm_runtime.units import human_bytes
+
 log = logging.getLogger("vllm_runtime.cache")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -46,14 +48,6 @@ COMPLETE = Gauge("vllm_runtime_cache_complete", "1 when the commit is cached and
 VERIFICATION_FAILURES = Counter(
     "vllm_runtime_cache_verification_failures", "Files that failed sha256 verification", registry=REGISTRY
 )
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 class ProgressMonitor:

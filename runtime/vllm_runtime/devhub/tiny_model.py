@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vllm_runtime.units import parse_size  # re-exported: tests and benches size models with it
 
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
@@ -76,16 +77,6 @@ _LARGE_SHAPE = ModelShape(
     max_position_embeddings=2048,
 )
 _DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def parse_size(text: str) -> int:
-    """Parse '1GiB', '500MB', '2048' into bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (use e.g. 1GiB, 500MB or a number of bytes)")
-    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    base = 1024 if binary else 1000
-    return int(number * base ** " KMGT".index(unit or " "))
 
 
 def shape_for_target_bytes(target_bytes: int, bytes_per_param: int) -> ModelShape:

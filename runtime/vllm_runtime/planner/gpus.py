@@ -9,8 +9,9 @@ reserves 480 MiB of 81,559 MiB, the H200 615 MiB of 143,771 MiB).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from vllm_runtime.units import parse_size
 
 MiB = 1024**2
 GiB = 1024**3
@@ -52,19 +53,9 @@ def gpu_type(name: str) -> GpuType:
     raise ValueError(f"unknown GPU type {name!r}: use one of {', '.join(GPU_TYPES)} or give the memory size instead")
 
 
-_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
-
-
 def parse_memory(text: str | int) -> int:
     """Parse a memory size: '80GiB', '80Gi' (Kubernetes), '80GB', '81559MiB', or bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
-    if not m:
-        raise ValueError(f"not a memory size: {text!r} (use e.g. 80GiB, 80Gi, 24GB or a number of bytes)")
-    number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
-    base = 1024 ** " kmgt".index(unit or " ") if binary else _UNITS[unit]
-    return int(number * base)
+    return parse_size(text)
 
 
 def smallest_gpu_with(memory_bytes: int) -> GpuType | None:
