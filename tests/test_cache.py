@@ -263,17 +263,52 @@ def test_vllm_runtime_cli_runs_cache_and_ls(
 def test_cache_follows_lfs_redirects_like_the_real_hub(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Our cache against a Hub that sends LFS files to a CDN (as huggingface.co does): the token stays with
+    the Hub, the CDN's bytes are verified (a corrupt body is caught and fetched again), the requests are
+    counted, and a warm run fetches nothing."""
     from hub_fixtures import hub_environment
 
+    from vllm_runtime.devhub.server import Fault
+
     with DevHub(redirect_lfs=True) as hub:
-        commit = hub.add_repo(TINY_REPO, tiny_model_dir)
+        commit = hub.add_repo(TINY_REPO, tiny_model_dir, gated=True, token="hf_redirect_test")
         home = tmp_path / "home"
         home.mkdir()
         for key, value in hub_environment(hub, home).items():
             monkeypatch.setenv(key, value)
+        monkeypatch.setenv("HF_TOKEN", "hf_redirect_test")
+        hub.inject(Fault("corrupt", path="/cdn-lfs/*", after_bytes=100))  # the first CDN answer flips one byte
         cache = tmp_path / "cache"
-        assert cache_in_process(cache, TINY_REPO).commit == commit
-        assert [r.path.split("/")[1] for r in hub.content_gets("model.safetensors")] == ["cdn-lfs"]
+        cold = cache_in_process(cache, TINY_REPO)
+        assert cold.ok and cold.commit == commit
+        hub.wait_idle()
+        log = hub.log_snapshot()
+
+        # Hub: one revision lookup, one tree listing, one HEAD per file (twice for the refetched LFS file)
+        lfs = {"model.safetensors"}
+        files = {p.name for p in tiny_model_dir.iterdir() if p.is_file()}
+        heads = [r.path.rsplit("/", 1)[-1] for r in log if r.method == "HEAD"]
+        assert sorted(heads) == sorted([*files, *lfs])
+        assert [r.status for r in log if r.method == "HEAD" and r.path.endswith("model.safetensors")] == [302, 302]
+        assert sum("/revision/" in r.path for r in log) == 1 and sum("/tree/" in r.path for r in log) == 1
+        # content: small files from the Hub, the LFS file only from the CDN, twice (corrupt, then good)
+        cdn = [r for r in log if r.path.startswith("/cdn-lfs/")]
+        assert [(r.method, r.fault) for r in cdn] == [("GET", "corrupt"), ("GET", None)]
+        hub_gets = {r.path.rsplit("/", 1)[-1] for r in log if r.method == "GET" and "/resolve/" in r.path}
+        assert hub_gets == files - lfs
+        # the token went to the Hub on every request and never to the CDN
+        assert all(r.authorized for r in log if not r.path.startswith("/cdn-lfs/"))
+        assert not any(r.authorized for r in cdn)
+
+        # what is cached is the source, byte for byte, and the manifest holds the sha256 the Hub publishes
+        snapshot = CacheLayout(cache).snapshot_dir(TINY_REPO, commit)
+        source = (tiny_model_dir / "model.safetensors").read_bytes()
+        assert (snapshot / "model.safetensors").read_bytes() == source
+        manifest = read_manifest(cache, TINY_REPO, commit)
+        assert manifest is not None
+        by_path = {f["path"]: f for f in manifest["files"]}
+        assert by_path["model.safetensors"]["sha256"] == hashlib.sha256(source).hexdigest()
+
         hub.clear_log()
         assert cache_in_process(cache, TINY_REPO).extra["reused"] is True
         assert hub.content_gets() == []
