@@ -315,12 +315,12 @@ async def test_children_deleted_by_hand_come_back(cluster: Cluster) -> None:
 async def test_api_faults_then_convergence(cluster: Cluster) -> None:
     ns, emu = "faults", cluster.emu
     faults = {
-        "GET model 500": Fault(2, 500),
+        "apply Service 500": Fault(2, 500),
         "apply Deployment 500": Fault(3, 500),
         "apply Job 409": Fault(1, 409, "Conflict"),
         "status 409": Fault(2, 409, "Conflict"),
     }
-    emu[kmock.action.FETCH, VLLMMODELS, kmock.namespace(ns)] << faults["GET model 500"]
+    emu[kmock.method.PATCH, SERVICES, kmock.namespace(ns)] << faults["apply Service 500"]
     emu[kmock.method.PATCH, DEPLOYMENTS, kmock.namespace(ns)] << faults["apply Deployment 500"]
     emu[kmock.method.PATCH, JOBS, kmock.namespace(ns)] << faults["apply Job 409"]
     emu[kmock.method.PATCH, VLLMMODELS, kmock.subresource("status"), kmock.namespace(ns)] << faults["status 409"]
@@ -328,6 +328,10 @@ async def test_api_faults_then_convergence(cluster: Cluster) -> None:
     await cluster.ready(ns, "m")
     assert {name: f.served for name, f in faults.items() if f.left} == {}, "every fault was hit"
     assert cluster.deployment_commit(ns, "m") == commit_for(REPO, "main")
+    # The model and its children come from the watches: no reconcile read any of them.
+    reads = [str(r.url.path) for r in emu._requests
+             if r.method == kmock.method.GET and r.namespace == ns and "watch" not in r.params]  # fmt: skip
+    assert reads == []
 
 
 async def test_dropped_watch_then_convergence(cluster: Cluster) -> None:

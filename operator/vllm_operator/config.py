@@ -26,12 +26,22 @@ VLLM_OPERATOR_STARTUP_TIMEOUT_SECONDS     how long a model pod may load and comp
 VLLM_OPERATOR_PROBE_PERIOD_SECONDS        period of all model pod probes               10
 VLLM_OPERATOR_LIVENESS_FAILURE_THRESHOLD  failed /live checks before a restart         3
 VLLM_OPERATOR_CACHE_JOB_BACKOFF_LIMIT     retries of a cache Job (retryable failures)  6
-VLLM_OPERATOR_CACHE_JOB_DEADLINE_SECONDS  activeDeadlineSeconds of a cache Job         (empty: none)
+VLLM_OPERATOR_CACHE_JOB_DEADLINE_SECONDS  activeDeadlineSeconds of a cache Job         21600 (6 h; 0: none)
+VLLM_OPERATOR_CACHE_JOB_TTL_SECONDS       ttlSecondsAfterFinished set on a finished    3600
+                                          cache Job once its commit is deployed
+VLLM_OPERATOR_ALLOWED_IMAGE_REGISTRIES    comma-separated registry/repository          (empty: any image)
+                                          prefixes ``spec.image`` must start with,
+                                          e.g. ``ghcr.io/vllm-model-operator/``
 VLLM_OPERATOR_CACHE_JOB_CPU               CPU request of a cache Job                   500m
 VLLM_OPERATOR_CACHE_JOB_MEMORY            memory request and limit of a cache Job      2Gi
-VLLM_OPERATOR_RECONCILE_INTERVAL_SECONDS  period of the level-triggered reconcile      30
-VLLM_OPERATOR_CHILD_EVENT_DELAY_SECONDS   a child's watch event waits this long, so    0 (react at once)
-                                          a burst of events makes one reconcile
+VLLM_OPERATOR_RECONCILE_INTERVAL_SECONDS  each model is reconciled again this long     30
+                                          after its last reconcile (reads nothing)
+VLLM_OPERATOR_RECONCILE_WORKERS           models reconciled at once                    16
+VLLM_OPERATOR_RETRY_BASE_DELAY_SECONDS    first retry delay; doubles per failure,      0.5
+                                          with jitter
+VLLM_OPERATOR_RETRY_MAX_DELAY_SECONDS     cap of the retry delay                       60
+VLLM_OPERATOR_SURFACE_FAILURES_AFTER_SECONDS  a transient write failure lasting this    10
+                                          long shows as Failed (ApiUnavailable)
 VLLM_OPERATOR_WORKER_LIMIT                most per-object workers kopf runs at once    0 (unlimited)
                                           per watched kind (bounds a burst's memory)
 VLLM_OPERATOR_FIELD_MANAGER               field manager name for writes                vllm-operator
@@ -67,11 +77,16 @@ class Config:
     probe_period_seconds: int = 10
     liveness_failure_threshold: int = 3
     cache_job_backoff_limit: int = 6
-    cache_job_deadline_seconds: int | None = None
+    cache_job_deadline_seconds: int | None = 6 * 3600
+    cache_job_ttl_seconds: int = 3600
+    allowed_image_registries: tuple[str, ...] = ()
     cache_job_cpu: str = "500m"
     cache_job_memory: str = "2Gi"
     reconcile_interval_seconds: float = 30.0
-    child_event_delay_seconds: float = 0.0
+    reconcile_workers: int = 16
+    retry_base_delay_seconds: float = 0.5
+    retry_max_delay_seconds: float = 60.0
+    surface_failures_after_seconds: float = 10.0
     worker_limit: int = 0
     field_manager: str = "vllm-operator"
 
@@ -102,7 +117,10 @@ class Config:
                 raise ValueError(f"{PREFIX}{name}={raw!r} must not be negative")
             return value
 
-        deadline = number("CACHE_JOB_DEADLINE_SECONDS", 0, int)
+        deadline = number("CACHE_JOB_DEADLINE_SECONDS", defaults.cache_job_deadline_seconds or 0, int)
+        registries = tuple(
+            prefix.strip() for prefix in env.get(PREFIX + "ALLOWED_IMAGE_REGISTRIES", "").split(",") if prefix.strip()
+        )
         namespaces = tuple(ns.strip() for ns in env.get(PREFIX + "NAMESPACES", "").split(",") if ns.strip())
         return cls(
             runtime_image=text("RUNTIME_IMAGE", defaults.runtime_image),
@@ -124,13 +142,20 @@ class Config:
             ) or 1,
             cache_job_backoff_limit=int(number("CACHE_JOB_BACKOFF_LIMIT", defaults.cache_job_backoff_limit, int)),
             cache_job_deadline_seconds=int(deadline) or None,
+            cache_job_ttl_seconds=int(number("CACHE_JOB_TTL_SECONDS", defaults.cache_job_ttl_seconds, int)),
+            allowed_image_registries=registries,
             cache_job_cpu=text("CACHE_JOB_CPU", defaults.cache_job_cpu),
             cache_job_memory=text("CACHE_JOB_MEMORY", defaults.cache_job_memory),
             reconcile_interval_seconds=float(
                 number("RECONCILE_INTERVAL_SECONDS", defaults.reconcile_interval_seconds, float)
             ),
-            child_event_delay_seconds=float(
-                number("CHILD_EVENT_DELAY_SECONDS", defaults.child_event_delay_seconds, float)
+            reconcile_workers=int(number("RECONCILE_WORKERS", defaults.reconcile_workers, int)) or 1,
+            retry_base_delay_seconds=float(
+                number("RETRY_BASE_DELAY_SECONDS", defaults.retry_base_delay_seconds, float)
+            ),
+            retry_max_delay_seconds=float(number("RETRY_MAX_DELAY_SECONDS", defaults.retry_max_delay_seconds, float)),
+            surface_failures_after_seconds=float(
+                number("SURFACE_FAILURES_AFTER_SECONDS", defaults.surface_failures_after_seconds, float)
             ),
             worker_limit=int(number("WORKER_LIMIT", defaults.worker_limit, int)),
             field_manager=text("FIELD_MANAGER", defaults.field_manager),

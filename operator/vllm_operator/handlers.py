@@ -1,32 +1,68 @@
-"""Thin kopf handlers: they unpack kopf's arguments and call the Reconciler.
+"""Thin kopf handlers: kopf watches and indexes; every event only queues its model's key.
 
-- VLLMModel created, spec changed, or found at start-up -> reconcile it (kopf retries on TemporaryError).
-- A child (PVC, cache Job, its Pods, Deployment, Service) changed or was deleted -> reconcile its model,
-  so a child deleted by hand comes back at once and the Job's outcome reaches the status. Child events
-  are coalesced: the first waits ``child_event_delay_seconds``, those arriving meanwhile only join it.
-- Every ``reconcile_interval_seconds`` every VLLMModel is reconciled again (level-triggered safety net).
+- ``@kopf.index`` keeps the newest body of every VLLMModel and of every child the operator labels (PVCs,
+  cache Jobs and their Pods, Deployments, Services), keyed by (namespace, model). kopf fills the
+  indexes from its watches before any other handler runs and drops an object's entry when it is
+  deleted, so the reconcile reads its children from memory and nothing stays behind a deleted model.
+- ``@kopf.on.event`` for VLLMModels and for each child kind queues the model on the Reconciler's work
+  queue (``reconcile.py`` says why one queue, not kopf's per-handler retries). The handlers never
+  fail, so kopf never retries them and never writes its progress annotations onto the model.
+- Periodic resync: after each reconcile the model is queued again in ``reconcile_interval_seconds``
+  (one timer per model, dropped with it); it reads nothing from the API.
 
 No finalizer: children carry ownerReferences and Kubernetes' garbage collector removes them with the
-model; a cache kept on purpose (``cache.deletePolicy: Retain``) simply has no ownerReference. kopf's
-timers and daemons would add a finalizer, so the periodic resync is a plain background task instead.
+model; a cache kept on purpose (``cache.deletePolicy: Retain``) simply has no ownerReference.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import kopf
 
 from . import builders, crd, kube, metrics
 from .config import Config
-from .reconcile import MANAGED_BY, Reconciler
+from .reconcile import MANAGED_BY, WATCHED_CHILDREN, Key, Reconciler
 
-CHILDREN = (kube.PVCS, kube.JOBS, kube.PODS, kube.DEPLOYMENTS, kube.SERVICES)
 CHILD_LABELS: Mapping[str, Any] = {**MANAGED_BY, builders.LABEL_MODEL: kopf.PRESENT}
-PROGRESS_PREFIX = "vllm-operator.io"
+MODELS_INDEX = "vllmmodels"
+JSON = dict[str, Any]
+
+
+def _index_name(resource: kube.Resource) -> str:
+    return f"children_{resource.plural}"
+
+
+def _slim(resource: kube.Resource, body: Mapping[str, Any]) -> JSON:
+    """What the plan reads of an object: no managedFields, and no pod spec (only the pod's status is read)."""
+    slim = kube.slim(body)
+    if resource == kube.PODS:
+        slim.pop("spec", None)
+    return slim
+
+
+class IndexedState:
+    """``reconcile.ClusterState`` over kopf's indexes (live read-only views kopf keeps up to date)."""
+
+    def __init__(self) -> None:
+        self._indexes: Mapping[str, Any] = {}
+
+    def bind(self, indexes: Mapping[str, Any]) -> None:
+        self._indexes = indexes
+
+    def model(self, key: Key) -> JSON | None:
+        store = self._indexes[MODELS_INDEX].get(key)
+        return next(iter(store), None) if store is not None else None
+
+    def children(self, resource: kube.Resource, key: Key) -> Iterable[JSON]:
+        store = self._indexes[_index_name(resource)].get(key)
+        return list(store) if store is not None else []
+
+    def models(self) -> Iterable[Key]:
+        return list(self._indexes[MODELS_INDEX].keys())
 
 
 def register(
@@ -39,7 +75,8 @@ def register(
     """Register every handler of one operator instance on ``registry``; returns its Reconciler."""
     login_fn = login or kube.login_from_environment
     client = kube.KubeClient(login_fn, field_manager=config.field_manager)
-    reconciler = Reconciler(client, config)
+    state = IndexedState()
+    reconciler = Reconciler(client, config, state)
     background: dict[str, Any] = {}
 
     @kopf.on.login(registry=registry)
@@ -47,50 +84,55 @@ def register(
         return await login_fn()
 
     @kopf.on.startup(registry=registry)
-    async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
-        # kopf's own bookkeeping goes to annotations, never into our status.
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PROGRESS_PREFIX)
+    async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+        # kopf's own bookkeeping goes to annotations, never into our status (no handler here uses it).
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="vllm-operator.io")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=PROGRESS_PREFIX, key="last-handled-configuration"
+            prefix="vllm-operator.io", key="last-handled-configuration"
         )
-        # Events are posted explicitly on transitions; handler log lines stay logs.
-        settings.posting.level = logging.WARNING
+        settings.posting.level = logging.WARNING  # Events are posted by the Reconciler on transitions
         # Watch only our children, filtered by the API server.
-        for child in CHILDREN:
+        for child in WATCHED_CHILDREN:
             settings.watching.label_selectors[child.group, child.plural] = "app.kubernetes.io/managed-by=vllm-operator"
         settings.watching.server_timeout = 270
         settings.watching.client_timeout = 300
         settings.networking.request_timeout = 60
-        settings.queueing.error_delays = (1, 2, 5, 10, 30, 60)
         settings.queueing.worker_limit = config.worker_limit or None
+        if namespaces:
+            # Namespaced mode needs no cluster-wide reads: no namespace or CRD observation, only the
+            # listed namespaces and the resources found at start-up.
+            settings.scanning.disabled = True
+        state.bind({name: kwargs[name] for name in [MODELS_INDEX, *map(_index_name, WATCHED_CHILDREN)]})
+        reconciler.queue.start()
         background["metrics"] = metrics.serve(config.metrics_port)
-        background["resync"] = asyncio.create_task(_resync(reconciler, config, namespaces, logger))
 
     @kopf.on.cleanup(registry=registry)
     async def clean_up(**_: Any) -> None:
-        task = background.pop("resync", None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await reconciler.close()
         server = background.pop("metrics", None)
         if server is not None:
             await asyncio.to_thread(server.shutdown)
             server.server_close()
-        reconciler.close()
         await client.close()
 
-    @kopf.on.resume(crd.GROUP, crd.VERSION, crd.PLURAL, registry=registry)
-    @kopf.on.create(crd.GROUP, crd.VERSION, crd.PLURAL, registry=registry)
-    @kopf.on.update(crd.GROUP, crd.VERSION, crd.PLURAL, field="spec", registry=registry)
-    async def reconcile_model(namespace: str | None, name: str, logger: kopf.Logger, **_: Any) -> None:
-        await reconciler.reconcile(namespace or "default", name, logger)
+    @kopf.index(crd.GROUP, crd.VERSION, crd.PLURAL, id=MODELS_INDEX, registry=registry)
+    def index_model(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, JSON]:
+        return {(namespace or "default", name): kube.slim(body)}
 
-    # optional=True: no finalizer; this only drops the model's in-memory state and metrics.
-    @kopf.on.delete(crd.GROUP, crd.VERSION, crd.PLURAL, optional=True, registry=registry)
-    async def forget_model(namespace: str | None, name: str, **_: Any) -> None:
-        reconciler.forget(namespace or "default", name)
+    @kopf.on.event(crd.GROUP, crd.VERSION, crd.PLURAL, registry=registry)
+    async def model_changed(namespace: str | None, name: str, body: kopf.Body, type: str | None, **_: Any) -> None:
+        key = (namespace or "default", name)
+        reconciler.saw(kube.VLLMMODELS, key, body, deleted=type == "DELETED")
+        reconciler.queue.add(key)
 
-    for child in CHILDREN:
+    for child in WATCHED_CHILDREN:
+
+        @kopf.index(child.group, child.version, child.plural, labels=CHILD_LABELS, id=_index_name(child),
+                    registry=registry)  # fmt: skip
+        def index_child(
+            namespace: str | None, labels: Mapping[str, str], body: kopf.Body, child: kube.Resource = child, **_: Any
+        ) -> dict[Key, JSON]:
+            return {(namespace or "default", labels[builders.LABEL_MODEL]): _slim(child, body)}
 
         @kopf.on.event(child.group, child.version, child.plural, labels=CHILD_LABELS, registry=registry)
         async def child_changed(
@@ -98,32 +140,11 @@ def register(
             labels: Mapping[str, str],
             body: kopf.Body,
             type: str | None,
-            logger: kopf.Logger,
             child: kube.Resource = child,
             **_: Any,
         ) -> None:
-            ns, model = namespace or "default", labels[builders.LABEL_MODEL]
-            deleted = type == "DELETED"
-            reconciler.seen(child, ns, model, body, deleted=deleted)
-            if not deleted and reconciler.is_own_write(child, ns, model, body):
-                return  # the echo of a reconcile's own apply: that reconcile already saw this state
-            await reconciler.trigger(ns, model, logger, delay=config.child_event_delay_seconds, fresh=False)
+            key = (namespace or "default", labels[builders.LABEL_MODEL])
+            reconciler.saw(child, key, body, deleted=type == "DELETED")
+            reconciler.queue.add(key)
 
     return reconciler
-
-
-async def _resync(reconciler: Reconciler, config: Config, namespaces: tuple[str, ...], logger: kopf.Logger) -> None:
-    """Reconcile every VLLMModel periodically: what no watch event announces still converges."""
-    interval = max(1.0, config.reconcile_interval_seconds)
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            models: list[dict[str, Any]] = []
-            for ns in namespaces or (None,):
-                models += await reconciler.client.list(kube.VLLMMODELS, ns, {})
-        except Exception as exc:  # noqa: BLE001 - the safety net itself must survive any failure
-            logger.warning(f"resync: cannot list VLLMModels: {exc}")
-            continue
-        for body in models:
-            meta = body.get("metadata") or {}
-            await reconciler.trigger(str(meta.get("namespace")), str(meta.get("name")), logger)

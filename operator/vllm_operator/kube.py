@@ -12,10 +12,12 @@ the operator owns only the fields it sets and never fights GitOps tools over the
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import logging
 import ssl
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -23,10 +25,14 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import kopf
 
+from . import metrics
+
 JSON = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"  # JSON is valid YAML: the API server accepts it
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ SERVICES = Resource("", "v1", "services", "Service")
 PODS = Resource("", "v1", "pods", "Pod")
 JOBS = Resource("batch", "v1", "jobs", "Job")
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
+
+EVENTS = Resource("", "v1", "events", "Event")
 
 _BY_KIND = {(r.api_version, r.kind): r for r in (VLLMMODELS, PVCS, SERVICES, PODS, JOBS, DEPLOYMENTS)}
 
@@ -191,6 +199,7 @@ class KubeClient:
     ) -> JSON:
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type, "Accept": "application/json"}
+        metrics.count_request(method, path, content_type)
         url_path = path + ("?" + urlencode(params) if params else "")
         for attempt in (1, 2):
             session = await self._connect(again=attempt == 2)
@@ -228,17 +237,28 @@ class KubeClient:
                 return None
             raise
 
-    async def list(self, resource: Resource, namespace: str | None, labels: Mapping[str, str]) -> list[JSON]:
-        """Objects in ``namespace`` (None: all namespaces) carrying all ``labels``.
+    async def list(self, resource: Resource, namespace: str | None, labels: Mapping[str, str], *,
+                   page_size: int = 500) -> list[JSON]:  # fmt: skip
+        """Objects in ``namespace`` (None: all namespaces) carrying all ``labels``, read page by page
+        (``limit``/``continue``) so a large list never arrives as one response.
 
         The selector also goes to the server; filtering again here keeps the result right even where a
         server (or an emulator) ignores it.
         """
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        params = {"labelSelector": selector} if selector else None
-        data = await self._request("GET", resource.path(namespace), params=params)
-        items = data.get("items") or []
-        return [obj for obj in items if isinstance(obj, dict) and has_labels(obj, labels)]
+        items: list[JSON] = []
+        token = ""
+        while True:
+            params = {"limit": str(page_size)}
+            if selector:
+                params["labelSelector"] = selector
+            if token:
+                params["continue"] = token
+            data = await self._request("GET", resource.path(namespace), params=params)
+            items += [obj for obj in data.get("items") or [] if isinstance(obj, dict) and has_labels(obj, labels)]
+            token = str((data.get("metadata") or {}).get("continue") or "")
+            if not token:
+                return items
 
     async def apply(self, obj: Mapping[str, Any]) -> JSON:
         """Server-side apply ``obj`` (create or bring in line), owning only the fields it sets."""
@@ -261,6 +281,34 @@ class KubeClient:
             content_type=MERGE_PATCH,
         )
 
+    async def post_event(self, regarding: Mapping[str, Any], event: Any) -> None:
+        """Post a core/v1 Event about ``regarding`` (``event`` has type, reason, message). Best effort:
+        an Event that cannot be posted is logged, never raised into a reconcile."""
+        meta = regarding.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": regarding.get("apiVersion"), "kind": regarding.get("kind"),
+                "name": meta.get("name"), "namespace": namespace, "uid": meta.get("uid"),
+            },  # fmt: skip
+            "type": event.type,
+            "reason": event.reason,
+            "message": str(event.message)[:1024],
+            "source": {"component": self._field_manager},
+            "reportingComponent": self._field_manager,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self._request("POST", EVENTS.path(namespace), body=body)
+        except ApiError as exc:
+            _log.warning(f"cannot post Event {event.reason} for {namespace}/{meta.get('name')}: {exc}")
+
     async def delete(self, resource: Resource, namespace: str, name: str, *, propagation: str = "Background") -> bool:
         """Delete an object and (by the API's garbage collector) its dependents; False if it was gone."""
         try:
@@ -281,5 +329,9 @@ def has_labels(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
     return all(found.get(k) == v for k, v in labels.items())
 
 
-def names(objs: Iterable[Mapping[str, Any]]) -> list[str]:
-    return [str(o["metadata"]["name"]) for o in objs]
+def slim(body: Mapping[str, Any]) -> JSON:
+    """``body`` without ``metadata.managedFields``: often its largest part, and nothing the planner reads."""
+    meta = body.get("metadata") or {}
+    if "managedFields" not in meta:
+        return dict(body)
+    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}

@@ -4,6 +4,8 @@
 - ``vllm_operator_reconcile_errors_total``: reconciles that did not succeed (retry + error)
 - ``vllm_operator_reconcile_duration_seconds``: reconcile duration histogram
 - ``vllm_operator_models{phase}``: VLLMModels per phase, as last reconciled by this operator
+- ``vllm_operator_api_requests_total{verb,resource}``: requests the operator's own client made (kopf's
+  watches are not counted here): get, list, apply, patch, create, delete; resource as plural[/subresource]
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 MODELS = Gauge("vllm_operator_models", "VLLMModels per phase", ["phase"])
+API_REQUESTS = Counter(
+    "vllm_operator_api_requests", "Kubernetes API requests made by the operator's client", ["verb", "resource"]
+)
 
 _phases: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
@@ -40,6 +45,25 @@ def record_reconcile(result: str, seconds: float) -> None:
     DURATION.observe(seconds)
     if result != "success":
         ERRORS.inc()
+
+
+def count_request(method: str, path: str, content_type: str = "") -> None:
+    """Count one API request by verb and resource (``/api/v1/namespaces/ns/pods/x`` -> get, pods)."""
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    # /api/v1/... or /apis/group/version/...; then optionally namespaces/<ns>; then plural[/name[/sub]]
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if len(rest) >= 2 and rest[0] == "namespaces":
+        rest = rest[2:]
+    plural = rest[0] if rest else "unknown"
+    named = len(rest) >= 2
+    resource = f"{plural}/{rest[2]}" if len(rest) >= 3 else plural
+    verb = {
+        "GET": "get" if named else "list",
+        "POST": "create",
+        "DELETE": "delete",
+        "PUT": "update",
+    }.get(method, "apply" if "apply-patch" in content_type else "patch")
+    API_REQUESTS.labels(verb=verb, resource=resource).inc()
 
 
 def set_phase(namespace: str, name: str, phase: str | None) -> None:

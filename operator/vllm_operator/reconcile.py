@@ -1,12 +1,34 @@
-"""Reconcile one VLLMModel: read the actual state, plan (``plan.plan_reconcile``, pure), then act.
+"""Reconcile one VLLMModel: look at its actual state, plan (``plan.plan_reconcile``, pure), act, write status.
 
-Every trigger -- kopf's create/update/resume handlers, a child's watch event, the periodic resync --
-ends in ``Reconciler.reconcile``: one run at a time per model, the parent read fresh each time. The
-children are read from the API on a model's first reconcile and on every resync; a child's watch event
-reconciles from what the watches and the operator's own applies reported since (no reads but the model
-and its PVC), and an event that only echoes the operator's own apply triggers nothing.
-Children are written with server-side apply; the status is merge-patched only when it changed;
-Events are posted for each step and on condition transitions only.
+The engine, and why it is shaped so:
+
+- **State comes from kopf's watches.** kopf keeps one watch per kind (VLLMModels, and the operator's
+  PVCs, Jobs, Pods, Deployments and Services, filtered by label on the server) and feeds
+  ``@kopf.index`` handlers (``handlers.py``); the indexes hold each object's newest body and drop it
+  when the object is deleted. A reconcile reads no child from the API: the only read it may make is a
+  PVC the user owns (``spec.cache.existingClaim`` or ``pvc://``), which carries none of our labels.
+- **One explicit work queue decides when a model is reconciled** (``workqueue.py``). kopf retries a
+  handler for the object whose event triggered it, but a model must also be reconciled when its Job or
+  Pod changes, which kopf can only route to the parent by writing to it. So every trigger -- the model's
+  own events, a child's events, the plan's time-based rules (``Plan.requeue_after``), retries, the
+  periodic resync -- is one ``add`` of the model's key; the queue deduplicates, runs one reconcile per
+  model at a time, and backs retries off exponentially with a cap and jitter. kopf's own handler retries
+  are not used (the handlers never fail), so there is exactly one retry path.
+- **Own writes are read back at once** ("expectations", as Kubernetes' own controllers keep them): an
+  object the operator has just applied or deleted is seen as written until its watch event catches up,
+  so a reconcile that runs before the event arrives neither repeats the write nor posts its Event again,
+  and the status never steps back.
+- **Every action is tried, and the status is always written.** A write the API server refuses no longer
+  hides the others' results: the refusal shows as ``Failed`` (reason ``ApiRejected`` with the server's
+  message) at once when retrying cannot help, and after ``Config.surface_failures_after_seconds`` when
+  it is transient (before that the status is left as it was, so it never claims what the failed write
+  would have made true); retries continue with backoff.
+- **Nothing outlives its model.** Per-model entries (expectations, memory plans, backoff, timers) are
+  dropped when a reconcile finds the model gone; a late child event of a deleted model costs one
+  look-up in the index and leaves nothing behind.
+- **Errors are types.** ``kube.ApiError`` knows whether retrying helps; a spec the operator cannot read is
+  ``InvalidSpec`` (no retry: the next spec change reconciles); any other exception is a bug, reported
+  as ``Failed/InternalError`` with its type and message and not retried.
 """
 
 from __future__ import annotations
@@ -14,11 +36,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import kopf
+from typing import Any, Protocol
 
 from . import builders, kube, metrics
 from . import status as st
@@ -26,341 +46,356 @@ from .config import Config
 from .diagnose import metadata_of
 from .memory import NO_GPU, PLANNING, REPLAN_FAILED_AFTER, MemoryPlan, memory_plan, plan_key
 from .model import VLLMModel
-from .plan import MANAGED_BY, Action, Apply, Event, Observed, Plan, plan_actions, plan_reconcile, transition_events
+from .plan import MANAGED_BY, Action, Apply, Event, Observed, Plan, plan_reconcile, transition_events
+from .workqueue import Backoff, WorkQueue
 
 JSON = dict[str, Any]
+Key = tuple[str, str]  # (namespace, model name)
 
-__all__ = ["MANAGED_BY", "Plan", "Reconciler", "plan_actions", "plan_reconcile"]
+__all__ = ["MANAGED_BY", "ClusterState", "Plan", "Reconciler"]
 
 _log = logging.getLogger(__name__)
 
+# The kinds whose objects the watches carry for a model, by plural.
+WATCHED_CHILDREN = (kube.PVCS, kube.JOBS, kube.PODS, kube.DEPLOYMENTS, kube.SERVICES)
 
-EventSink = Callable[[Mapping[str, Any], Event], None]
+
+class ClusterState(Protocol):
+    """What the watches know (``handlers.IndexedState`` reads kopf's indexes)."""
+
+    def model(self, key: Key) -> JSON | None: ...
+
+    def children(self, resource: kube.Resource, key: Key) -> Iterable[JSON]: ...
+
+    def models(self) -> Iterable[Key]: ...
 
 
-def post_event(body: Mapping[str, Any], event: Event) -> None:
-    """Post through kopf's event queue (it batches, retries and never raises into the handler)."""
-    obj: Any = dict(body)  # kopf reads only apiVersion, kind and metadata from it
-    try:
-        kopf.event(obj, type=event.type, reason=event.reason, message=event.message[:1024])
-    except LookupError:  # outside kopf's context (no event queue): nothing to post to
-        pass
+EventSink = Callable[[Mapping[str, Any], Event], Awaitable[None]]
+
+_DELETED: JSON = {}  # an expectation: the operator deleted this object; its DELETED event is due
 
 
 @dataclass
-class _ModelState:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    pending: bool = False
+class _Expectations:
+    """The operator's own writes of one model's objects that the watches have not reported yet."""
+
+    written: dict[tuple[str, str], JSON] = field(default_factory=dict)  # (plural, name) -> body or _DELETED
+    failing_since: float | None = None  # loop time of the first failed write of the current streak
+
+
+def _version(body: Mapping[str, Any] | None) -> int | None:
+    try:
+        return int(str(metadata_of(body or {}).get("resourceVersion")))
+    except ValueError:
+        return None
+
+
+def _newest(indexed: JSON | None, own: JSON | None) -> tuple[JSON | None, bool]:
+    """The body to believe, and whether the expectation ``own`` is still ahead of the index."""
+    if own is None:
+        return indexed, False
+    if own is _DELETED:
+        return (None, True) if indexed is not None else (None, False)
+    if indexed is None:
+        return own, True
+    seen, mine = _version(indexed), _version(own)
+    if seen is not None and mine is not None and mine > seen:
+        return own, True
+    return indexed, False
 
 
 class Reconciler:
-    """Observes, plans and acts for VLLMModels; one reconcile at a time per model."""
+    """Observes (from ``state``), plans and acts for VLLMModels; driven by one ``WorkQueue``."""
 
     def __init__(
         self,
         client: kube.KubeClient,
         config: Config,
+        state: ClusterState,
         *,
         planner: Callable[[VLLMModel, Config], Awaitable[MemoryPlan]] = memory_plan,
-        events: EventSink = post_event,
+        events: EventSink | None = None,
         clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.timezone.utc),
     ) -> None:
         self.client = client
         self.config = config
+        self.state = state
         self._planner = planner
-        self._events = events
+        self._events: EventSink = events or client.post_event
         self._clock = clock
-        self._models: dict[tuple[str, str], _ModelState] = {}
-        self._plans: dict[str, tuple[MemoryPlan, float]] = {}  # plan key -> (plan, when made)
-        self._planning: dict[str, asyncio.Task[None]] = {}
-        self._retries: dict[tuple[str, str], asyncio.TimerHandle] = {}
-        # (namespace, model) -> (plural, child name) -> resourceVersion of the operator's own last write:
-        # its watch echo tells the reconcile that wrote it nothing new, so it triggers no further reconcile.
-        self._written: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
-        # (namespace, model) -> (plural, name) -> the child's newest body from watch events and applies;
-        # models in ``_read`` were read from the API once, so their children's absence here is real.
-        self._children: dict[tuple[str, str], dict[tuple[str, str], JSON]] = {}
-        self._read: set[tuple[str, str]] = set()
+        self.queue: WorkQueue[Key] = WorkQueue(
+            self.reconcile,
+            workers=config.reconcile_workers,
+            backoff=Backoff(config.retry_base_delay_seconds, config.retry_max_delay_seconds),
+        )
+        self._expected: dict[Key, _Expectations] = {}
+        self._plans: dict[Key, tuple[str, MemoryPlan, float]] = {}  # key -> (plan key, plan, loop time made)
+        self._planning: dict[Key, tuple[str, asyncio.Task[None]]] = {}
 
-    async def observe(self, model: VLLMModel, *, fresh: bool = True) -> Observed:
-        """The model's children: read from the API when ``fresh`` or the model was not read yet, else
-        from what the watches and the operator's own applies reported since (``seen``)."""
-        ns, labels = model.namespace, {builders.LABEL_MODEL: model.name, **MANAGED_BY}
-        claim = model.cache_claim_name
-        key = (ns, model.name)
-        if fresh or key not in self._read:
-            # The PVC may be shared or the user's (no model label): always read.
-            pvc, jobs, pods, deployment, service = await asyncio.gather(
-                self.client.get(kube.PVCS, ns, claim) if claim else _none(),
-                self.client.list(kube.JOBS, ns, labels),
-                self.client.list(kube.PODS, ns, labels),
-                self.client.get(kube.DEPLOYMENTS, ns, builders.deployment_name(model)),
-                self.client.get(kube.SERVICES, ns, builders.service_name(model)),
-            )
-            self._read.add(key)
-            children = self._children.setdefault(key, {})
-            for resource, objs in ((kube.JOBS, jobs), (kube.PODS, pods)):
-                read = {(resource.plural, str(metadata_of(o).get("name"))) for o in objs}
-                for gone in [k for k in children if k[0] == resource.plural and k not in read]:
-                    del children[gone]
-                for obj in objs:
-                    self.seen(resource, ns, model.name, obj)
-            named: tuple[tuple[kube.Resource, str, JSON | None], ...] = (
-                (kube.DEPLOYMENTS, builders.deployment_name(model), deployment),
-                (kube.SERVICES, builders.service_name(model), service),
-            )
-            for resource, name, found in named:
-                if found is None:
-                    children.pop((resource.plural, name), None)
-                else:
-                    self.seen(resource, ns, model.name, found)
+    # --- the state one reconcile sees ----------------------------------------------------------------
+
+    def _own(self, key: Key) -> _Expectations:
+        return self._expected.setdefault(key, _Expectations())
+
+    def _merged(self, key: Key, resource: kube.Resource, indexed: Iterable[JSON]) -> dict[str, JSON]:
+        """The children of ``resource`` by name: the index, with the operator's unreported writes over it."""
+        by_name = {str(metadata_of(o).get("name")): o for o in indexed}
+        expected = self._expected.get(key)
+        if expected is None:
+            return by_name
+        for (plural, name), own in list(expected.written.items()):
+            if plural != resource.plural:
+                continue
+            body, ahead = _newest(by_name.get(name), own)
+            if not ahead:
+                del expected.written[(plural, name)]
+            if body is None:
+                by_name.pop(name, None)
+            else:
+                by_name[name] = body
+        return by_name
+
+    def saw(self, resource: kube.Resource, key: Key, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """A watch event of one of ``key``'s objects: the expectation it meets is met.
+
+        Events of one object arrive in order on its kind's watch, so an event at or after the version
+        the operator wrote (or the object's DELETED event) means the index has caught up with that write.
+        """
+        expected = self._expected.get(key)
+        if expected is None:
+            return
+        child = (resource.plural, str(metadata_of(body).get("name")))
+        own = expected.written.get(child)
+        if own is None:
+            return
+        if own is _DELETED:
+            met = deleted
         else:
-            pvc = await self.client.get(kube.PVCS, ns, claim) if claim else None
-            children = self._children.get(key, {})
-            jobs = [o for (plural, _), o in children.items() if plural == kube.JOBS.plural]
-            pods = [o for (plural, _), o in children.items() if plural == kube.PODS.plural]
-            deployment = children.get((kube.DEPLOYMENTS.plural, builders.deployment_name(model)))
-            service = children.get((kube.SERVICES.plural, builders.service_name(model)))
-        memory = self._memory_plan(model)
+            seen, mine = _version(body), _version(own)
+            met = deleted or seen is None or mine is None or seen >= mine
+        if met:
+            del expected.written[child]
+
+    def model_body(self, key: Key) -> JSON | None:
+        indexed = self.state.model(key)
+        expected = self._expected.get(key)
+        own = expected.written.get((kube.VLLMMODELS.plural, key[1])) if expected is not None else None
+        body, ahead = _newest(indexed, own)
+        if not ahead and expected is not None:
+            expected.written.pop((kube.VLLMMODELS.plural, key[1]), None)
+        return body if indexed is not None else None  # the index alone says whether the model exists
+
+    async def observe(self, model: VLLMModel) -> Observed:
+        key = (model.namespace, model.name)
+        children = {r.plural: self._merged(key, r, self.state.children(r, key)) for r in WATCHED_CHILDREN}
+        claim = model.cache_claim_name
+        pvc = children[kube.PVCS.plural].get(claim) if claim else None
+        if claim and pvc is None and not model.owns_cache_pvc:
+            pvc = await self.client.get(kube.PVCS, model.namespace, claim)  # the user's: not on our watch
         return Observed(
             now=self._clock(),
             pvc=pvc,
-            jobs={str(j["metadata"]["name"]): j for j in jobs},
-            pods=list(pods),
-            deployment=deployment,
-            service=service,
-            memory=memory,
+            jobs=children[kube.JOBS.plural],
+            pods=list(children[kube.PODS.plural].values()),
+            deployment=children[kube.DEPLOYMENTS.plural].get(builders.deployment_name(model)),
+            service=children[kube.SERVICES.plural].get(builders.service_name(model)),
+            memory=self._memory_plan(key, model),
         )
 
-    def seen(self, resource: kube.Resource, namespace: str, model: str, body: Mapping[str, Any], *,
-             deleted: bool = False) -> None:
-        """Record a child of ``model`` as a watch event or an apply reported it; an older report than the
-        one kept (by resourceVersion) changes nothing."""
-        if resource not in _KEPT:
-            return
-        meta = metadata_of(body)
-        children = self._children.setdefault((namespace, model), {})
-        key = (resource.plural, str(meta.get("name")))
-        kept = children.get(key)
-        version, kept_version = meta.get("resourceVersion"), metadata_of(kept or {}).get("resourceVersion")
-        if deleted:
-            if kept is not None and not _older(version, kept_version):
-                del children[key]  # else re-created since: the newer one stays
-        elif kept is None or not _older(version, kept_version):
-            # managedFields: often the largest part of a body, and nothing the planner reads.
-            children[key] = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    # --- the memory plan, made in the background -----------------------------------------------------
 
-    def _memory_plan(self, model: VLLMModel) -> MemoryPlan:
-        """The model's memory plan if made, else PLANNING while it is made in the background (a thread:
-        the event loop never waits); when done it triggers a reconcile. ``plan_reconcile`` creates nothing
-        while planning."""
+    def _memory_plan(self, key: Key, model: VLLMModel) -> MemoryPlan:
+        """The model's memory plan if made for its current inputs, else PLANNING while it is being made
+        (in a thread: the event loop never waits); when done the model is queued again."""
         if not model.spec.get("gpu"):
+            self._plans.pop(key, None)
             return NO_GPU
-        key = plan_key(model)
+        wanted = plan_key(model)
         loop = asyncio.get_running_loop()
         made = self._plans.get(key)
-        stale = made is not None and made[0].status == st.UNKNOWN and loop.time() - made[1] > REPLAN_FAILED_AFTER
-        if (made is None or stale) and key not in self._planning:
-            self._planning[key] = loop.create_task(self._make_plan(key, model))
-        return made[0] if made is not None else PLANNING
+        current = made is not None and made[0] == wanted
+        stale = current and made is not None and made[1].status == st.UNKNOWN and (
+            loop.time() - made[2] > REPLAN_FAILED_AFTER)  # fmt: skip
+        planning = self._planning.get(key)
+        if (not current or stale) and (planning is None or planning[0] != wanted):
+            if planning is not None:
+                planning[1].cancel()
+            self._planning[key] = (wanted, loop.create_task(self._make_plan(key, wanted, model)))
+        if current and made is not None:
+            if made[1].status == st.UNKNOWN:
+                self.queue.add_after(key, REPLAN_FAILED_AFTER)
+            return made[1]
+        return PLANNING
 
-    async def _make_plan(self, key: str, model: VLLMModel) -> None:
+    async def _make_plan(self, key: Key, wanted: str, model: VLLMModel) -> None:
         try:
-            self._plans[key] = (await self._planner(model, self.config), asyncio.get_running_loop().time())
+            plan = await self._planner(model, self.config)
         finally:
-            self._planning.pop(key, None)
-        await self.trigger(model.namespace, model.name, _log)
+            if self._planning.get(key, ("", None))[0] == wanted:
+                del self._planning[key]
+        if self.state.model(key) is not None:  # a plan for a model deleted meanwhile is not kept
+            self._plans[key] = (wanted, plan, asyncio.get_running_loop().time())
+            self.queue.add(key)
 
-    async def reconcile(
-        self, namespace: str, name: str, logger: logging.Logger | kopf.Logger, *, fresh: bool = True
-    ) -> str | None:
-        """Reconcile one model now; its phase, or None when it is gone.
+    # --- one reconcile ---------------------------------------------------------------------------------
 
-        Raises kopf.TemporaryError when the API fails in a way worth retrying, kopf.PermanentError for
-        a spec that can never work as given.
-        """
-        state = self._models.setdefault((namespace, name), _ModelState())
-        async with state.lock:
-            state.pending = False  # from here on, a new event needs a new run
-            started = asyncio.get_running_loop().time()
-            try:
-                phase = await self._reconcile(namespace, name, logger, fresh=fresh)
-            except kopf.TemporaryError:
-                metrics.record_reconcile("retry", asyncio.get_running_loop().time() - started)
-                raise
-            except Exception:
-                metrics.record_reconcile("error", asyncio.get_running_loop().time() - started)
-                raise
-            metrics.record_reconcile("success", asyncio.get_running_loop().time() - started)
-            metrics.set_phase(namespace, name, phase)
-            return phase
-
-    async def trigger(
-        self,
-        namespace: str,
-        name: str,
-        logger: logging.Logger | kopf.Logger,
-        *,
-        delay: float = 0.0,
-        fresh: bool = True,
-    ) -> None:
-        """Reconcile on a child's or the resync's behalf: coalesced, retried later on failure.
-
-        ``delay``: wait this long first, so that the burst of watch events one step causes (the
-        operator's own writes, a Job and its Pod changing together) ends in one reconcile, not one each.
-        ``fresh=False`` (a child's watch event): observe the children from what the watches reported.
-        """
-        state = self._models.setdefault((namespace, name), _ModelState())
-        if state.pending:
-            return  # a reconcile is already queued; it will read the newest state
-        state.pending = True
-        if delay > 0:
-            await asyncio.sleep(delay)
-        try:
-            await self.reconcile(namespace, name, logger, fresh=fresh)
-        except kopf.TemporaryError as exc:
-            logger.info(f"{namespace}/{name}: {exc}; retrying in {exc.delay}s")
-            self._retry_later(namespace, name, logger, float(exc.delay or 10))
-        except kopf.PermanentError as exc:
-            logger.warning(f"{namespace}/{name}: {exc}")
-        except Exception as exc:  # noqa: BLE001 - a child event must never crash the watcher
-            logger.exception(f"{namespace}/{name}: reconcile failed: {exc}")
-            self._retry_later(namespace, name, logger, 10.0)
-
-    def _retry_later(self, namespace: str, name: str, logger: logging.Logger | kopf.Logger, delay: float) -> None:
-        key = (namespace, name)
-        if key in self._retries:
-            return
+    async def reconcile(self, key: Key) -> None:
+        """Reconcile one model (the work queue's callback): never raises; queues its own retries."""
         loop = asyncio.get_running_loop()
-
-        def fire() -> None:
-            self._retries.pop(key, None)
-            loop.create_task(self.trigger(namespace, name, logger))
-
-        self._retries[key] = loop.call_later(delay, fire)
-
-    def forget(self, namespace: str, name: str) -> None:
-        self._models.pop((namespace, name), None)
-        self._written.pop((namespace, name), None)
-        self._children.pop((namespace, name), None)
-        self._read.discard((namespace, name))
-        handle = self._retries.pop((namespace, name), None)
-        if handle is not None:
-            handle.cancel()
-        metrics.forget(namespace, name)
-
-    def close(self) -> None:
-        for handle in self._retries.values():
-            handle.cancel()
-        self._retries.clear()
-        for task in self._planning.values():
-            task.cancel()
-
-    async def _reconcile(
-        self, namespace: str, name: str, logger: logging.Logger | kopf.Logger, *, fresh: bool
-    ) -> str | None:
-        body = await _api(self.client.get(kube.VLLMMODELS, namespace, name))
+        started = loop.time()
+        body = self.model_body(key)
         if body is None or metadata_of(body).get("deletionTimestamp"):
-            return None  # gone or going: owner references take the children with it
+            self.forget(key)  # gone or going: owner references take the children with it
+            return
+        try:
+            result = await self._reconcile(key, body)
+        except kube.ApiError as exc:  # reading or writing the status failed: nothing else to report to
+            result = "retry"
+            delay = self.queue.retry(key)
+            _log.info(f"{key[0]}/{key[1]}: {exc}; retrying in {delay:.1f}s")
+        except Exception as exc:  # noqa: BLE001 - a bug: report it as such, once, and do not loop on it
+            result = "error"
+            _log.exception(f"{key[0]}/{key[1]}: internal error")
+            await self._report_internal_error(key, body, exc)
+        metrics.record_reconcile(result, loop.time() - started)
+        if result != "error":  # level-triggered safety net; an internal error waits for a change instead
+            self.queue.add_after(key, max(1.0, self.config.reconcile_interval_seconds))
+
+    async def _reconcile(self, key: Key, body: JSON) -> str:
         try:
             model = VLLMModel.from_body(body)
         except ValueError as exc:
-            await self._write_status(body, _invalid_spec_status(body, str(exc), self._clock()), logger)
-            raise kopf.PermanentError(str(exc)) from exc
-        observed = await _api(self.observe(model, fresh=fresh))
+            await self._write_status(key, body, _failed_status(body, "InvalidSpec", str(exc), self._clock()))
+            self.queue.forget(key)
+            metrics.set_phase(*key, st.FAILED_PHASE)
+            return "invalid"
+        observed = await self.observe(model)
         plan = plan_reconcile(model, observed, self.config)
+        refused: list[tuple[Action, kube.ApiError]] = []
         for action in plan.actions:
             try:
-                await self._act(model, action)
+                await self._act(key, action)
             except kube.ApiError as exc:
-                if exc.retryable:
-                    raise kopf.TemporaryError(f"{action}: {exc}", delay=2) from exc
-                rejected = _rejected_status(model, plan.status, f"{action}: {exc.message}", self._clock())
-                await self._write_status(body, rejected, logger)
-                raise kopf.TemporaryError(f"{action}: {exc}", delay=60) from exc
-            logger.info(f"{namespace}/{name}: {action}")
-        for event in plan.events:
-            self._events(body, event)
-        await self._write_status(body, plan.status, logger)
-        return str(plan.status.get("phase"))
+                refused.append((action, exc))
+            else:
+                _log.info(f"{key[0]}/{key[1]}: {action}")
+        status = plan.status
+        expected = self._own(key)
+        if refused:
+            loop_now = asyncio.get_running_loop().time()
+            if expected.failing_since is None:
+                expected.failing_since = loop_now
+            lasting = loop_now - expected.failing_since >= self.config.surface_failures_after_seconds
+            permanent = any(not exc.retryable for _, exc in refused)
+            delay = self.queue.retry(key)
+            message = "; ".join(f"{action}: {exc.status} {exc.reason}: {exc.message}" for action, exc in refused)
+            _log.warning(f"{key[0]}/{key[1]}: the API server refused {message}; retrying in {delay:.1f}s")
+            if not (permanent or lasting):
+                return "retry"  # the status stays as it was: the plan's would claim what did not happen
+            status = _refused_status(model, status, refused, self._clock())
+        else:
+            expected.failing_since = None
+            self.queue.forget(key)
+            for event in plan.events:
+                await self._events(body, event)
+            requeue_after: float | None = getattr(plan, "requeue_after", None)
+            if requeue_after is not None:
+                self.queue.add_after(key, requeue_after)
+        await self._write_status(key, body, status)
+        metrics.set_phase(*key, str(status.get("phase")))
+        return "retry" if refused else "success"
 
-    def is_own_write(self, resource: kube.Resource, namespace: str, model: str, body: Mapping[str, Any]) -> bool:
-        """Whether a child's watch event only echoes this operator's last write of it (nothing new)."""
-        meta = metadata_of(body)
-        version = meta.get("resourceVersion")
-        written = self._written.get((namespace, model), {})
-        return version is not None and written.pop((resource.plural, str(meta.get("name"))), None) == str(version)
-
-    async def _act(self, model: VLLMModel, action: Action) -> None:
+    async def _act(self, key: Key, action: Action) -> None:
+        expected = self._own(key)
         if isinstance(action, Apply):
             applied = await self.client.apply(action.obj)
-            self.seen(kube.resource_of(action.obj), model.namespace, model.name, applied)
-            written = metadata_of(applied)
-            version = written.get("resourceVersion")
-            if version is not None:
-                child = (kube.resource_of(action.obj).plural, str(written.get("name")))
-                self._written.setdefault((model.namespace, model.name), {})[child] = str(version)
+            expected.written[(kube.resource_of(action.obj).plural, str(metadata_of(applied).get("name")))] = (
+                kube.slim(applied))  # fmt: skip
         else:
             await self.client.delete(action.resource, action.namespace, action.name)
-            self._children.get((model.namespace, model.name), {}).pop((action.resource.plural, action.name), None)
+            expected.written[(action.resource.plural, action.name)] = _DELETED
 
-    async def _write_status(self, body: Mapping[str, Any], new: Mapping[str, Any], logger: Any) -> None:
+    async def _write_status(self, key: Key, body: JSON, new: Mapping[str, Any]) -> None:
         old = body.get("status") or {}
         patch = st.status_patch(old, new)
         if not patch:
             return
-        meta = metadata_of(body)
-        await _api(self.client.patch_status(kube.VLLMMODELS, str(meta["namespace"]), str(meta["name"]), patch))
-        for event in transition_events(VLLMModel.from_body(body), old, new):
-            self._events(body, event)
+        written = await self.client.patch_status(kube.VLLMMODELS, key[0], key[1], patch)
+        self._own(key).written[(kube.VLLMMODELS.plural, key[1])] = kube.slim(written)
+        try:
+            model = VLLMModel.from_body(body)
+        except ValueError:
+            if st.transitioned_to(old.get("conditions") or [], new.get("conditions") or [], st.FAILED, st.TRUE):
+                await self._events(body, Event("Warning", "InvalidSpec", str(new.get("message"))))
+            return
+        for event in transition_events(model, old, new):
+            await self._events(body, event)
+
+    async def _report_internal_error(self, key: Key, body: JSON, exc: Exception) -> None:
+        self.queue.forget(key)
+        message = (f"internal error: {type(exc).__name__}: {exc}; the operator will try again on the next "
+                   "change of this model or its children; please report it with the operator's log")  # fmt: skip
+        try:
+            await self._write_status(key, body, _failed_status(body, "InternalError", message, self._clock()))
+        except Exception:  # noqa: BLE001 - the error is logged above; the status is best effort here
+            _log.exception(f"{key[0]}/{key[1]}: cannot write the internal error to the status")
+
+    # --- lifetime --------------------------------------------------------------------------------------
+
+    def forget(self, key: Key) -> None:
+        """Drop everything kept for a model that is gone."""
+        self._expected.pop(key, None)
+        self._plans.pop(key, None)
+        planning = self._planning.pop(key, None)
+        if planning is not None:
+            planning[1].cancel()
+        self.queue.drop(key)
+        metrics.forget(*key)
+
+    def resync(self) -> None:
+        """Queue every model the watches know: what no event announced still converges. No API call."""
+        for key in list(self.state.models()):
+            self.queue.add(key)
+
+    def tracked(self) -> int:
+        """Models with per-model state in memory (the benchmarks and tests check it returns to 0)."""
+        return len(set(self._expected) | set(self._plans) | set(self._planning)) + len(self.queue)
+
+    async def close(self) -> None:
+        await self.queue.stop()
+        for _, task in self._planning.values():
+            task.cancel()
+        self._planning.clear()
 
 
-async def _none() -> None:
-    return None
-
-
-# Children kept from the watches (the PVC is always read: it may be shared or the user's).
-_KEPT = (kube.JOBS, kube.PODS, kube.DEPLOYMENTS, kube.SERVICES)
-
-
-def _older(version: Any, than: Any) -> bool:
-    """Whether resourceVersion ``version`` is known to be older than ``than`` (they are opaque to clients,
-    but etcd revisions in practice; where either is not a number, nothing is known to be older)."""
-    try:
-        return int(str(version)) < int(str(than))
-    except ValueError:
-        return False
-
-
-async def _api(call: Awaitable[Any]) -> Any:
-    """Await an API call; a retryable API failure becomes kopf.TemporaryError."""
-    try:
-        return await call
-    except kube.ApiError as exc:
-        if exc.retryable:
-            raise kopf.TemporaryError(str(exc), delay=2) from exc
-        raise
-
-
-def _invalid_spec_status(body: Mapping[str, Any], message: str, now: datetime.datetime) -> JSON:
+def _failed_status(body: Mapping[str, Any], reason: str, message: str, now: datetime.datetime) -> JSON:
+    """The status of a model that cannot be planned at all (unreadable spec, internal error)."""
     old = body.get("status") or {}
     generation = metadata_of(body).get("generation")
-    failed = st.Condition(st.FAILED, st.TRUE, "InvalidSpec", message)
+    failed = st.Condition(st.FAILED, st.TRUE, reason, message)
+    stalled = st.Condition(st.STALLED, st.TRUE, reason, message)
     status: JSON = {
         "phase": st.FAILED_PHASE,
         "message": message,
-        "conditions": st.merge_conditions(old.get("conditions"), [failed], generation=generation, now=now),
+        "conditions": st.merge_conditions(old.get("conditions"), [failed, stalled], generation=generation, now=now),
     }
     if generation is not None:
         status["observedGeneration"] = generation
     return status
 
 
-def _rejected_status(model: VLLMModel, status: Mapping[str, Any], message: str, now: datetime.datetime) -> JSON:
-    rejected = dict(status)
-    failed = st.Condition(st.FAILED, st.TRUE, "Rejected", f"the API server rejected {message}")
-    rejected["conditions"] = st.merge_conditions(
-        status.get("conditions"), [failed], generation=model.generation, now=now
+def _refused_status(
+    model: VLLMModel, status: Mapping[str, Any], refused: list[tuple[Action, kube.ApiError]], now: datetime.datetime
+) -> JSON:
+    """The plan's status with the API server's refusals as the failure: what was refused and why."""
+    message = "the API server refused " + "; ".join(
+        f"{action}: {exc.status} {exc.reason}: {exc.message}" for action, exc in refused
     )
-    rejected["phase"], rejected["message"] = st.FAILED_PHASE, failed.message
-    return rejected
+    reason = "ApiRejected" if any(not exc.retryable for _, exc in refused) else "ApiUnavailable"
+    failed = st.Condition(st.FAILED, st.TRUE, reason, message[:2048])
+    stalled = st.Condition(st.STALLED, st.TRUE, reason, failed.message)
+    result = dict(status)
+    result["conditions"] = st.merge_conditions(status.get("conditions"), [failed, stalled],
+                                               generation=model.generation, now=now)  # fmt: skip
+    result["phase"], result["message"] = st.FAILED_PHASE, failed.message
+    return result
