@@ -30,13 +30,68 @@ MODELS_MOUNT_ROOT = "/models"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 PVC_URI_RE = re.compile(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)(?P<path>/.*)?$")
+
+
+# git check-ref-format's forbidden characters: controls, DEL, space, ~ ^ : ? * [ and backslash.
+_REF_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+MAX_REVISION_LENGTH = 255  # git has no limit; one path component on most file systems
 
 
 def is_commit(revision: str) -> bool:
     """True when ``revision`` is a full 40-hex commit id (no resolution needed)."""
-    return bool(COMMIT_RE.match(revision))
+    return bool(COMMIT_RE.fullmatch(revision))
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why ``revision`` is not a valid git ref name (``git check-ref-format --allow-onelevel``), or None.
+
+    A 40-hex commit is itself a valid ref name. The rules keep every ``refs/<revision>`` file inside
+    the repo's ``refs`` folder: no ``..``, no component starting with ``.``, no leading or double ``/``.
+    """
+    if not revision:
+        return "it is empty"
+    if len(revision) > MAX_REVISION_LENGTH:
+        return f"it is longer than {MAX_REVISION_LENGTH} characters"
+    if revision == "@":
+        return "it is the single character '@'"
+    if _REF_FORBIDDEN_RE.search(revision):
+        return "it contains a space, a control character or one of ~ ^ : ? * [ \\"
+    if ".." in revision:
+        return "it contains '..'"
+    if "@{" in revision:
+        return "it contains '@{'"
+    if revision.startswith("/") or revision.endswith("/") or "//" in revision:
+        return "it starts or ends with '/' or contains '//'"
+    if revision.endswith("."):
+        return "it ends with '.'"
+    for component in revision.split("/"):
+        if component.startswith("."):
+            return f"its component {component!r} starts with '.'"
+        if component.endswith(".lock"):
+            return f"its component {component!r} ends with '.lock'"
+    return None
+
+
+def is_valid_revision(revision: str) -> bool:
+    """True for a git ref name (branch, tag, ``refs/pr/1``) or a 40-hex commit: what ``spec.revision`` accepts."""
+    return revision_problem(revision) is None
+
+
+_REPO_PART_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+
+
+def is_valid_repo_id(repo_id: str) -> bool:
+    """huggingface_hub's ``validate_repo_id`` rules for ``org/name``: each part 1-96 of ``[A-Za-z0-9._-]``,
+    not starting or ending with ``-`` or ``.``, no ``--`` or ``..``, not ending with ``.git``."""
+    org, slash, name = repo_id.partition("/")
+    return (
+        bool(slash)
+        and all(_REPO_PART_RE.fullmatch(part) for part in (org, name))
+        and "--" not in repo_id
+        and ".." not in repo_id
+        and not repo_id.endswith(".git")
+    )
 
 
 @dataclass(frozen=True)
@@ -65,12 +120,18 @@ def parse_model(uri: str) -> ModelSource:
     Raises ValueError with a message that names the field and the accepted forms.
     """
     m = PVC_URI_RE.match(uri)
+    if m and any(part in (".", "..") for part in (m.group("path") or "").split("/")):
+        raise ValueError(
+            f"spec.model {uri!r} has a '.' or '..' segment: a pvc:// path must stay inside its claim "
+            "(write it without '..', e.g. 'pvc://models/llama')"
+        )
     if m:
         return ModelSource(uri=uri, claim=m.group("claim"), path=(m.group("path") or "").rstrip("/"))
-    if REPO_ID_RE.match(uri) and ".." not in uri:
+    if is_valid_repo_id(uri):
         return ModelSource(uri=uri, repo_id=uri)
     raise ValueError(
-        f"spec.model {uri!r} is neither a Hugging Face repo id ('org/name') nor a volume path "
+        f"spec.model {uri!r} is neither a Hugging Face repo id ('org/name': letters, digits, '-', '_', '.', each "
+        "part at most 96 characters, no '--' or '..', not starting or ending with '-' or '.') nor a volume path "
         "('pvc://<claim>/<path>'); use for example 'Qwen/Qwen2.5-0.5B-Instruct' or 'pvc://models/llama'"
     )
 

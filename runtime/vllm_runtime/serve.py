@@ -735,6 +735,16 @@ def run(args: argparse.Namespace) -> int:
     )
     if not memory.ok:
         return _refuse_for_memory(args, plan, memory, supervisor, started)
+    lease = _Lease(cache_dir, args.model, plan.commit) if plan.manifest is not None and cache_dir else None
+    if lease and not lease.take():
+        message = (
+            f"{args.model}@{plan.commit} was removed from the cache (rm/gc) while serve started: cache it again "
+            "(the operator's cache Job does this)"
+        )
+        log.error("%s", message)
+        base.reason, base.message, base.retryable = "NoCompleteCache", message, False
+        summary.write_termination_message(base, args.termination_message_path)
+        return summary.EXIT_PERMANENT
     if plan.compile_dir is not None:
         plan.compile_dir.mkdir(parents=True, exist_ok=True)
     http = MetricsHTTPServer(
@@ -745,9 +755,7 @@ def run(args: argparse.Namespace) -> int:
     ).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, supervisor.forward_stop)
-    lease = _Lease(cache_dir, args.model, plan.commit) if plan.manifest is not None and cache_dir else None
     if lease:
-        lease.renew()
         supervisor.renew_lease = lease.renew
     try:
         code = supervisor.run()
@@ -801,6 +809,16 @@ class _Lease:
 
     def __init__(self, cache_dir: Path, repo_id: str, commit: str) -> None:
         self.args = (cache_dir, repo_id, commit)
+
+    def take(self) -> bool:
+        """The first lease, under the commit's lock: False when rm/gc removed the commit meanwhile."""
+        try:
+            from vllm_runtime.cache.usage import lease_if_complete
+
+            return lease_if_complete(*self.args)
+        except (ImportError, OSError, TimeoutError) as exc:  # read-only volume, lock busy: serve anyway
+            log.warning("cannot mark %s@%s in use: %s", self.args[1], self.args[2], exc)
+            return True
 
     def renew(self) -> None:
         try:

@@ -45,6 +45,12 @@ REASONS_PERMANENT = frozenset(
         "NoCompleteCache",
         "NoWeights",
         "InvalidArgs",
+        # cache: the revision, the Hub's answer or the volume is unusable; an unforeseen exception
+        "InvalidRevision",
+        "InvalidHubResponse",
+        "CacheDirInvalid",
+        "ReadOnlyVolume",
+        "InternalError",
         # serve: why vLLM failed to start (vllm_runtime.failures); the spec must change
         "OutOfMemory",
         "NoKVCacheMemory",

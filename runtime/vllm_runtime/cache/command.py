@@ -44,6 +44,7 @@ from huggingface_hub.utils.tqdm import disable_progress_bars
 
 from vllm_runtime import summary, units
 from vllm_runtime.cache import progress
+from vllm_runtime.cache import errors
 from vllm_runtime.cache.errors import CacheError, classify, is_retryable_transfer_error
 from vllm_runtime.cache.manifest import (
     FORMAT_VERSION,
@@ -54,7 +55,14 @@ from vllm_runtime.cache.manifest import (
 from vllm_runtime.cache.selection import HubFile, NoWeightsError, Selection, restrict_to_index, select_files
 from vllm_runtime.cache.usage import touch_last_used
 from vllm_runtime.cache.verify import VerificationJournal, file_digests, verify_file
-from vllm_runtime.layout import TERMINATION_MESSAGE_PATH, CacheLayout, is_commit, parse_model, repo_folder_name
+from vllm_runtime.layout import (
+    TERMINATION_MESSAGE_PATH,
+    CacheLayout,
+    is_commit,
+    parse_model,
+    repo_folder_name,
+    revision_problem,
+)
 from vllm_runtime.planner import spec as plan_spec
 
 log = logging.getLogger("vllm_runtime.cache")
@@ -208,8 +216,7 @@ class _Fetcher:
             self.journal.forget(hub_file)
             pointer.unlink(missing_ok=True)
             blob.unlink(missing_ok=True)
-        raise CacheError(
-            "VerificationFailed",
+        raise errors.VerificationFailed(
             f"{hub_file.path} of {self.repo_id}@{self.commit} did not match the sha256 the Hub publishes, twice; "
             "the Hub or a proxy in between is serving corrupt data: check HF_ENDPOINT (mirror) and retry",
         )
@@ -231,8 +238,8 @@ def _commit_lock(path: Path, timeout: float, what: str) -> Any:
                 log.info("another process is caching %s; waiting for it (%.0f s so far)", what, waited)
                 logged = True
             if waited >= timeout:
-                raise CacheError(
-                    "CacheBusy", f"another process held the cache lock for {what} for {waited:.0f} s; retrying later"
+                raise errors.CacheBusy(
+                    f"another process held the cache lock for {what} for {waited:.0f} s; retrying later"
                 ) from None
     try:
         yield
@@ -273,8 +280,13 @@ def _note_revision(opts: CacheOptions, repo_id: str, manifest: dict[str, Any]) -
     if is_commit(revision):
         return
     layout = CacheLayout(opts.cache_dir)
+    refs_dir = layout.repo_dir(repo_id) / "refs"
+    ref = refs_dir / revision
+    if revision_problem(revision) is not None or not ref.resolve().is_relative_to(refs_dir.resolve()):
+        # run_cache refuses such revisions first; this keeps the write inside refs/ whatever the caller.
+        log.warning("not recording revision %r: not a ref name inside %s", revision, refs_dir)
+        return
     try:
-        ref = layout.repo_dir(repo_id) / "refs" / revision
         if not ref.exists() or ref.read_text().strip() != commit:
             ref.parent.mkdir(parents=True, exist_ok=True)
             tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
@@ -332,7 +344,12 @@ def cache_hub_model(opts: CacheOptions, repo_id: str) -> summary.Summary:
     else:
         info = retrier.call(f"resolving {repo_id}@{opts.revision}", lambda: api.repo_info(repo_id, revision=opts.revision))
         if not info.sha:
-            raise CacheError("RevisionNotFound", f"the Hub returned no commit for {repo_id}@{opts.revision}")
+            raise errors.RevisionNotFound(f"the Hub returned no commit for {repo_id}@{opts.revision}")
+        if not is_commit(info.sha):
+            raise errors.InvalidHubResponse(
+                f"the Hub resolved {repo_id}@{opts.revision} to {info.sha[:64]!r}, which is not a 40-hex commit id: "
+                "HF_ENDPOINT must point at a Hugging Face Hub or a faithful mirror; pin spec.revision to a commit"
+            )
         commit = info.sha
         log.info("resolved %s@%s to commit %s", repo_id, opts.revision, commit)
     warm = None if opts.verify_existing else _warm(opts, repo_id, commit)
@@ -370,8 +387,21 @@ def _list_files(api: HfApi, retrier: _Retrier, repo_id: str, commit: str) -> lis
     ]
 
 
-def _check_space(layout: CacheLayout, blobs_dir: Path, selection: Selection) -> int:
-    """Bytes still to download; raises InsufficientSpace when the volume cannot hold them."""
+def _check_space(layout: CacheLayout, blobs_dir: Path, selection: Selection, repo_id: str, commit: str) -> int:
+    """Bytes still to download; raises InsufficientSpace when the volume cannot hold them.
+
+    When short, commits no server uses are evicted first, least recently used first (``manage.make_room``):
+    a revision change replaces old commits instead of filling the volume.
+    """
+    from vllm_runtime import manage  # manage imports cache modules; importing it here keeps the graph acyclic
+
+    def missing_bytes() -> int:
+        return sum(f.size for f in selection.files if not (blobs_dir / f.blob_name).exists())
+
+    def free_bytes() -> int:
+        return shutil.disk_usage(_existing_ancestor(layout.hub_cache)).free
+
+    manage.make_room(layout.root, needed=missing_bytes, free=free_bytes, keep=(repo_id, commit))
     missing = {f.blob_name: f.size for f in selection.files if not (blobs_dir / f.blob_name).exists()}
     needed = sum(missing.values())
     where = _existing_ancestor(layout.hub_cache)
@@ -379,8 +409,7 @@ def _check_space(layout: CacheLayout, blobs_dir: Path, selection: Selection) -> 
     log.info("%s to download (%d files), %s free on %s", units.human_bytes(needed), len(missing),
              units.human_bytes(free), where)
     if needed > free:
-        raise CacheError(
-            "InsufficientSpace",
+        raise errors.InsufficientSpace(
             f"the model needs {needed} more bytes ({units.human_bytes(needed)}) but only {free} bytes "
             f"({units.human_bytes(free)}) are free on the cache volume: raise spec.cache.size (or use a larger "
             "existing claim), or free space with `vllm-runtime gc --max-size`",
@@ -396,13 +425,13 @@ def _download_commit(
     try:
         selection = select_files(files, opts.include, opts.exclude)
     except NoWeightsError as error:
-        raise CacheError("NoWeights", f"{repo_id}@{commit}: {error}; vLLM cannot load it") from None
+        raise errors.NoWeights(f"{repo_id}@{commit}: {error}; vLLM cannot load it") from None
     if not selection.weights:
-        raise CacheError("NoWeights", f"{repo_id}@{commit}: --exclude removed every weight file")
+        raise errors.NoWeights(f"{repo_id}@{commit}: --exclude removed every weight file")
     blobs_dir = layout.repo_dir(repo_id) / "blobs"
     for stale in blobs_dir.glob("*.incomplete"):  # a killed run's partial files (we hold the lock)
         stale.unlink(missing_ok=True)
-    _check_space(layout, blobs_dir, selection)
+    _check_space(layout, blobs_dir, selection, repo_id, commit)
     present_before = {f.blob_name for f in selection.files if (blobs_dir / f.blob_name).exists()}
 
     journal = VerificationJournal(layout.state / "verified" / f"{repo_folder_name(repo_id)}--{commit}.json")
@@ -484,19 +513,19 @@ def check_local_model(opts: CacheOptions, directory: Path) -> summary.Summary:
     """A local or pvc:// model: nothing to download; check it is something vLLM can load."""
     began = time.monotonic()
     if not directory.is_dir():
-        raise CacheError("InvalidModel", f"{directory} is not a directory: check spec.model (pvc://<claim>/<path>)")
+        raise errors.InvalidModel(f"{directory} is not a directory: check spec.model (pvc://<claim>/<path>)")
     config = directory / "config.json"
     try:
         json.loads(config.read_text())
     except (OSError, ValueError):
-        raise CacheError(
-            "InvalidModel", f"{config} is missing or not JSON: point spec.model at the model's directory"
+        raise errors.InvalidModel(
+            f"{config} is missing or not JSON: point spec.model at the model's directory"
         ) from None
     files = [HubFile(p.name, p.stat().st_size, "", None) for p in directory.iterdir() if p.is_file()]
     try:
         selection = select_files(files, opts.include, opts.exclude)
     except NoWeightsError as error:
-        raise CacheError("NoWeights", f"{directory}: {error}") from None
+        raise errors.NoWeights(f"{directory}: {error}") from None
     total = sum(f.size for f in selection.files)
     log.info("%s is a local model (%s weights, %d files, %s); nothing to download", directory,
              selection.weight_format, len(selection.files), units.human_bytes(total))
@@ -536,9 +565,15 @@ def run_cache(opts: CacheOptions) -> summary.Summary:
                 return check_local_model(opts, local)
             source = parse_model(opts.model)
         except ValueError as error:
-            raise CacheError("InvalidModel", str(error)) from None
+            raise errors.InvalidModel(str(error)) from None
         assert source.repo_id is not None
         repo_id = source.repo_id
+        problem = revision_problem(opts.revision)
+        if problem is not None:  # before any request or path: refs/<revision> must stay inside the cache
+            raise errors.InvalidRevision(
+                f"spec.revision {opts.revision!r} is not a valid git ref name or 40-hex commit ({problem}): "
+                "use a branch, a tag or a commit, e.g. 'main', 'v1.0' or the commit's full id"
+            )
         return cache_hub_model(opts, repo_id)
     except Exception as error:  # noqa: BLE001 - every failure must end in a summary
         failure = classify(error, repo_id=repo_id, revision=opts.revision, has_token=bool(opts.token))

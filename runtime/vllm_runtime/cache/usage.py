@@ -3,8 +3,9 @@
 - Last use: ``<cache>/state/last-used/models--org--name--<commit>`` is touched (mtime) whenever the cache
   command completes or reuses a commit and whenever ``mark_in_use`` runs.
 - In use: a lease ``<cache>/state/leases/models--org--name--<commit>--<holder>.lease`` (JSON: holder, pid,
-  renewedAt). ``vllm-runtime serve`` calls ``mark_in_use(cache_dir, repo_id, commit)`` at start and again
-  at least every ``LEASE_TTL_SECONDS / 3`` while it serves, and ``release`` when it stops. A lease whose
+  renewedAt). ``vllm-runtime serve`` calls ``lease_if_complete`` at start (under the commit's lock, like ``rm``
+  and ``gc``), ``mark_in_use(cache_dir, repo_id, commit)`` at least every ``LEASE_TTL_SECONDS / 3`` while it
+  serves, and ``release`` when it stops. A lease whose
   file was not touched for ``LEASE_TTL_SECONDS`` is stale (its pod died without releasing it): the commit
   counts as not in use. ``gc`` never evicts a commit with a fresh lease; ``rm`` refuses it without --force.
 """
@@ -18,6 +19,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import filelock
+
+from vllm_runtime.cache.manifest import read_manifest
 from vllm_runtime.layout import CacheLayout, repo_folder_name
 
 LEASE_TTL_SECONDS = 600.0
@@ -64,6 +68,24 @@ def mark_in_use(cache_dir: str | Path, repo_id: str, commit: str, holder: str | 
     os.replace(tmp, path)
     touch_last_used(cache_dir, repo_id, commit)
     return path
+
+
+def lease_if_complete(
+    cache_dir: str | Path, repo_id: str, commit: str, holder: str | None = None, *, lock_timeout: float = 60.0
+) -> bool:
+    """Take the first lease on a commit only while it is complete; False when its manifest is gone.
+
+    Done under the commit's lock, the same lock ``rm``/``gc`` hold while they check leases and remove:
+    either the removal finishes first (then the manifest is gone and this returns False), or the lease
+    is written first (then the removal sees it). Raises ``filelock.Timeout`` when the lock stays busy.
+    """
+    lock_path = CacheLayout(Path(cache_dir)).lock_path(repo_id, commit)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(lock_path), timeout=lock_timeout):
+        if read_manifest(cache_dir, repo_id, commit) is None:
+            return False
+        mark_in_use(cache_dir, repo_id, commit, holder)
+        return True
 
 
 def release(cache_dir: str | Path, repo_id: str, commit: str, holder: str | None = None) -> None:
