@@ -3,6 +3,7 @@ contracts it shares with the operator (CRD copy, env vars, RBAC, monitor selecto
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import subprocess
@@ -22,7 +23,7 @@ KUBERNETES_VERSIONS = ["1.29.0", "1.32.0", "1.35.0", "1.37.0"]
 # they are validated against prometheus-operator's own types below (and the rules by promtool, test_alerts.py).
 NOT_IN_OFFICIAL_SCHEMAS = {"monitoring.coreos.com/v1"}
 # Variables the chart sets from dedicated values, not from `config`.
-CHART_MANAGED_CONFIG = {"runtime_image", "namespaces", "metrics_port"}
+CHART_MANAGED_CONFIG = {"runtime_image", "namespaces", "metrics_port", "allowed_image_registries"}
 # checkov checks skipped on the rendered chart, each with the reason it does not apply.
 CHECKOV_SKIPS = {
     "CKV_K8S_43": "image digests are optional (image.digest); the default is the immutable appVersion tag",
@@ -150,6 +151,22 @@ def test_values_become_the_operator_config() -> None:
     assert Config.from_env({e["name"]: e["value"] for e in env}).namespaces == ("team-a", "team-b")
 
 
+def test_allowed_image_registries_reach_the_operator() -> None:
+    """The allowlist of spec.image prefixes (docs/security.md) goes to the operator's Config as given."""
+    from vllm_operator.config import Config
+
+    def environ(values: dict[str, Any]) -> dict[str, str]:
+        env = one(render_objects(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+        return {e["name"]: e["value"] for e in env if "value" in e}
+
+    registries = ["ghcr.io/vllm-model-operator/", "registry.internal:5000/ml/models/"]
+    rendered = environ({"allowedImageRegistries": registries})
+    assert rendered["VLLM_OPERATOR_ALLOWED_IMAGE_REGISTRIES"] == ",".join(registries)
+    assert Config.from_env(rendered).allowed_image_registries == tuple(registries)
+    # Off by default: any image (the chart says so in values.yaml and docs/security.md).
+    assert Config.from_env(environ({})).allowed_image_registries == ()
+
+
 def test_values_schema_offers_every_operator_setting() -> None:
     from vllm_operator.config import Config
 
@@ -174,6 +191,10 @@ def test_values_schema_offers_every_operator_setting() -> None:
         ({"image": {"digest": "latest"}}, "digest"),
         ({"extraEnv": [{"name": "VLLM_OPERATOR_NAMESPACES", "value": "x"}]}, "extraEnv"),
         ({"replicaCount": 2}, "replicaCount"),
+        # A prefix without its closing "/" would also admit ghcr.io/acme-evil/...; a comma would split it.
+        ({"allowedImageRegistries": ["ghcr.io/acme"]}, "allowedImageRegistries"),
+        ({"allowedImageRegistries": ["ghcr.io/a/,evil.example/"]}, "allowedImageRegistries"),
+        ({"extraEnv": [{"name": "VLLM_OPERATOR_ALLOWED_IMAGE_REGISTRIES", "value": ""}]}, "extraEnv"),
         ({"serviceAccount": {"create": False}}, "serviceAccount.name"),
         ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "metrics.service"),
     ],
@@ -184,56 +205,175 @@ def test_bad_values_fail_at_install(values: dict[str, Any], complaint: str) -> N
 
 
 # --- RBAC ------------------------------------------------------------------------------------------------
+# The operator's rights, resource by resource: exactly what its code uses, nothing more. The chart renders this
+# table into the ClusterRole (cluster-wide) or into one Role per watched namespace; the tests below derive the
+# same table from the code (KubeClient calls, kopf handlers, ownerReferences), so a call added without RBAC, or a
+# right left behind by a call removed, fails here.
+NAMESPACED_RIGHTS: dict[tuple[str, str], set[str]] = {
+    ("vllm-operator.io", "vllmmodels"): {"list", "watch"},  # kopf's watch and index of the models
+    ("vllm-operator.io", "vllmmodels/status"): {"patch"},  # KubeClient.patch_status
+    ("vllm-operator.io", "vllmmodels/finalizers"): {"update"},  # blockOwnerDeletion on the children
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},  # get: a pvc:// model's claim
+    ("", "services"): {"list", "watch", "create", "patch"},
+    ("apps", "deployments"): {"list", "watch", "create", "patch"},
+    ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},  # cache Jobs no longer wanted go
+    ("", "pods"): {"list", "watch"},  # read only: termination messages, crash-loop reasons
+    ("", "events"): {"create"},  # KubeClient.post_event
+}
+# Cluster-wide mode only: kopf's scanning notices the CRD (namespaced mode disables scanning, reads nothing).
+CLUSTER_ONLY_RIGHTS: dict[tuple[str, str], set[str]] = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+}
+# KubeClient's methods and the verb each costs; "apply" is server-side apply: patch, and create when new.
+CLIENT_VERBS: dict[str, set[str]] = {
+    "get": {"get"}, "list": {"list"}, "apply": {"create", "patch"}, "patch_status": {"patch"},
+    "post_event": {"create"}, "delete": {"delete"},
+}  # fmt: skip
+OPERATOR_SOURCES = ROOT / "operator" / "vllm_operator"
 
-WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection", "*"}
 
-
-def _grants(rules: list[dict[str, Any]], group: str, resource: str) -> set[str]:
-    verbs: set[str] = set()
+def _rights(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    rights: dict[tuple[str, str], set[str]] = {}
     for rule in rules:
-        if group in rule.get("apiGroups", []) and resource in rule.get("resources", []):
-            verbs.update(rule["verbs"])
-    return verbs
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no resourceNames/nonResourceURLs surprises
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                rights.setdefault((group, resource), set()).update(rule["verbs"])
+    return rights
 
 
-def _assert_operator_rights(rules: list[dict[str, Any]]) -> None:
-    from vllm_operator import kube
-
-    for resource in (kube.PVCS, kube.SERVICES, kube.JOBS, kube.DEPLOYMENTS):
-        assert {"get", "list", "create", "patch", "delete"} <= _grants(rules, resource.group, resource.plural)
-    assert {"get", "list", "watch", "patch"} <= _grants(rules, kube.VLLMMODELS.group, kube.VLLMMODELS.plural)
-    assert "patch" in _grants(rules, kube.VLLMMODELS.group, kube.VLLMMODELS.plural + "/status")
-    assert _grants(rules, "", "events") == {"create"}
-    assert not _grants(rules, "", "namespaces")
-    # Least rights: pods read only, no Secrets (tokens reach pods as secretKeyRef), no wildcards.
-    assert _grants(rules, "", "pods") == {"get", "list", "watch"}
-    assert not _grants(rules, "", "secrets")
-    for rule in rules:
-        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
-
-
-def test_cluster_wide_rbac_is_one_cluster_role() -> None:
+def test_cluster_wide_rbac_is_one_cluster_role_with_exactly_the_table() -> None:
     objects = render_objects()
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
     role = one(objects, "ClusterRole")
-    _assert_operator_rights(role["rules"])
+    assert _rights(role["rules"]) == {**NAMESPACED_RIGHTS, **CLUSTER_ONLY_RIGHTS}
     binding = one(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-vllm-operator", "namespace": NAMESPACE}]
 
 
-def test_namespaced_rbac_grants_rights_only_in_watched_namespaces() -> None:
+def test_namespaced_rbac_grants_the_table_only_in_watched_namespaces_and_nothing_cluster_wide() -> None:
     objects = render_objects(VALUE_SETS["namespaced"])
     roles = by_kind(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
-        _assert_operator_rights(role["rules"])
+        assert _rights(role["rules"]) == NAMESPACED_RIGHTS
     bindings = by_kind(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
-    # The one cluster-scoped role is read-only discovery of the CRD: nothing about models or their children.
-    (cluster_role,) = by_kind(objects, "ClusterRole")
-    for rule in cluster_role["rules"]:
-        assert rule["apiGroups"] == ["apiextensions.k8s.io"] and not set(rule["verbs"]) & WRITE_VERBS
+    for binding in bindings:
+        assert binding["subjects"][0]["namespace"] == NAMESPACE
+    # kopf runs with scanning disabled here: no namespaces, no CRDs, no cluster-scoped role at all.
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+
+
+def test_rights_table_is_least_privilege() -> None:
+    assert NAMESPACED_RIGHTS[("", "pods")] <= {"get", "list", "watch"}
+    assert NAMESPACED_RIGHTS[("", "events")] == {"create"}
+    for (group, resource), verbs in {**NAMESPACED_RIGHTS, **CLUSTER_ONLY_RIGHTS}.items():
+        assert "*" not in verbs and "*" not in (group, resource), (group, resource)
+        assert resource not in {"secrets", "namespaces", "configmaps"}, "the operator never reads these"
+        if "delete" in verbs or "deletecollection" in verbs:
+            assert (group, resource) == ("batch", "jobs"), "the operator deletes only cache Jobs"
+
+
+def _client_calls() -> list[tuple[str, str, ast.Call | None]]:
+    """(file, KubeClient method, call) for every use of ``<...client>.<method>`` in the operator's sources; the
+    call is None where the method is passed on rather than called (``events or client.post_event``)."""
+    uses: list[tuple[str, str, ast.Call | None]] = []
+    for path in sorted(OPERATOR_SOURCES.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        called = {id(node.func): node for node in ast.walk(tree) if isinstance(node, ast.Call)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in CLIENT_VERBS:
+                receiver = ast.unparse(node.value)
+                if receiver.split(".")[-1].lstrip("_") in {"client", "kube_client", "api"}:
+                    uses.append((path.name, node.attr, called.get(id(node))))
+    return uses
+
+
+def _resource_named(node: ast.expr | None) -> Any:
+    """The kube.Resource a call argument names literally (``kube.JOBS`` or ``JOBS``), else None."""
+    from vllm_operator import kube
+
+    name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+    found = getattr(kube, name, None) if name else None
+    return found if isinstance(found, kube.Resource) else None
+
+
+def _deleted_resources() -> set[Any]:
+    """Resources the plan asks to delete: the literal resource of every ``Delete(...)`` it builds."""
+    found = set()
+    for path in sorted(OPERATOR_SOURCES.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "Delete":
+                argument = node.args[0] if node.args else next(
+                    (k.value for k in node.keywords if k.arg == "resource"), None)  # fmt: skip
+                resource = _resource_named(argument)
+                assert resource is not None, f"{path.name}:{node.lineno}: Delete() of a resource not named literally"
+                found.add(resource)
+    return found
+
+
+def _rights_the_code_needs(namespaces: tuple[str, ...]) -> dict[tuple[str, str], set[str]]:
+    from vllm_operator import builders, kube, runner
+    from vllm_operator.config import Config
+    from vllm_operator.model import VLLMModel
+
+    needed: dict[tuple[str, str], set[str]] = {}
+
+    def need(group: str, resource: str, verbs: set[str]) -> None:
+        needed.setdefault((group, resource), set()).update(verbs)
+
+    model = VLLMModel.from_body({"metadata": {"name": "m", "namespace": "ns", "uid": "u1"},
+                                 "spec": {"model": "org/name"}})  # fmt: skip
+    children = builders.children_for(model, Config(), "0" * 40)
+    for path, method, call in _client_calls():
+        verbs = CLIENT_VERBS[method]
+        if method == "apply":  # the object's kind decides: every child the builders make
+            for child in children:
+                resource = kube.resource_of(child)
+                need(resource.group, resource.plural, verbs)
+        elif method == "post_event":
+            need("", "events", verbs)
+        else:
+            resource = _resource_named(call.args[0] if call is not None and call.args else None)
+            targets = {resource} if resource else _deleted_resources() if method == "delete" else set()
+            where = f"{path}:{call.lineno}: {ast.unparse(call)[:80]}" if call is not None else f"{path}: {method}"
+            assert targets, f"{where}: name the resource (kube.X) literally, so its RBAC can be checked"
+            for target in targets:
+                plural = target.plural + ("/status" if method == "patch_status" else "")
+                need(target.group, plural, verbs)
+    # kopf: every handler's resource is listed and watched; change handlers and daemons also patch it (progress
+    # annotations, finalizers). The registries are kopf's own (no public accessor).
+    registry = runner.build_registry(Config(), namespaces)
+    for kind, verbs in (("_indexing", {"list", "watch"}), ("_watching", {"list", "watch"}),
+                        ("_changing", {"list", "watch", "patch"}), ("_spawning", {"list", "watch", "patch"})):
+        for selector in getattr(registry, kind).get_all_selectors():
+            need(selector.group or "", selector.plural or selector.any_name, verbs)  # fmt: skip
+    # kopf itself posts Events for handler log lines (settings.posting), unless switched off.
+    if "posting.enabled = False" not in (OPERATOR_SOURCES / "handlers.py").read_text():
+        need("", "events", {"create"})
+    if any(ref.get("blockOwnerDeletion") for child in children for ref in child["metadata"].get("ownerReferences", [])):
+        need(kube.VLLMMODELS.group, kube.VLLMMODELS.plural + "/finalizers", {"update"})
+    return needed
+
+
+def test_kube_client_methods_all_have_a_verb() -> None:
+    """A new KubeClient method must say here which verb it costs (and the chart must grant it)."""
+    import inspect
+
+    from vllm_operator.kube import KubeClient
+
+    public = {name for name, _ in inspect.getmembers(KubeClient, inspect.iscoroutinefunction)} - {"close"}
+    public = {name for name in public if not name.startswith("_")}
+    assert public == set(CLIENT_VERBS), "map every KubeClient method to its RBAC verbs in CLIENT_VERBS"
+
+
+def test_rights_table_is_exactly_what_the_code_uses() -> None:
+    calls = _client_calls()
+    assert {method for _, method, _ in calls} >= {"apply", "patch_status"}, "the scan finds the client's calls"
+    for namespaces in ((), ("team-a",)):
+        assert _rights_the_code_needs(namespaces) == NAMESPACED_RIGHTS, f"namespaces={namespaces}"
 
 
 # --- monitoring ----------------------------------------------------------------------------------------
