@@ -93,9 +93,66 @@ def test_every_child_carries_the_labels_and_namespace() -> None:
         assert labels["app.kubernetes.io/instance"] == labels["vllm-operator.io/model"] == "chat"
         assert labels["app.kubernetes.io/managed-by"] == "vllm-operator"
         assert obj["metadata"]["namespace"] == "ml"
-        assert "ownerReferences" not in obj["metadata"]  # the caller adopts
     kinds = {o["kind"]: o["metadata"]["labels"]["app.kubernetes.io/component"] for o in children(make())}
     assert kinds == {"PersistentVolumeClaim": "cache", "Job": "cache", "Deployment": "server", "Service": "server"}
+
+
+@pytest.mark.parametrize(
+    ("uid", "delete_policy", "owned_kinds"),
+    [
+        ("u-1", "Retain", {"Job", "Deployment", "Service"}),  # Retain: the cache outlives the model
+        ("u-1", "Delete", {"PersistentVolumeClaim", "Job", "Deployment", "Service"}),
+        (None, "Delete", set()),  # no uid (a file given to render): nothing can be referenced
+    ],
+)
+def test_owner_references_follow_the_uid_and_the_delete_policy(
+    uid: str | None, delete_policy: str, owned_kinds: set[str]
+) -> None:
+    body = {"metadata": {"name": "chat", "namespace": "ml", "uid": uid},
+            "spec": {"model": "o/n", "cache": {"deletePolicy": delete_policy}}}  # fmt: skip
+    objs = builders.children_for(VLLMModel.from_body(body), CONFIG, COMMIT)
+    assert {o["kind"] for o in objs if "ownerReferences" in o["metadata"]} == owned_kinds
+    for obj in objs:
+        for ref in obj["metadata"].get("ownerReferences", []):
+            assert ref == builders.owner_reference_for(VLLMModel.from_body(body))
+
+
+def test_bookkeeping_annotations_come_from_the_builders() -> None:
+    m = make(gpu={"type": "L4"})
+    job = builders.cache_job_for(m, CONFIG, claim_uid="pvc-1")
+    ann = job["metadata"]["annotations"]
+    assert ann[builders.ANNOTATION_SPEC_HASH] == builders.spec_hash(job["spec"])
+    assert ann[builders.ANNOTATION_CLAIM_UID] == "pvc-1"
+    assert builders.ANNOTATION_PLAN_DIGEST in ann, "spec.gpu: the Job plans, for these planner inputs"
+    assert builders.ANNOTATION_PLAN_DIGEST not in builders.cache_job_for(make(), CONFIG)["metadata"]["annotations"]
+    assert builders.ANNOTATION_CLAIM_UID not in builders.cache_job_for(m, CONFIG)["metadata"]["annotations"]
+    dep = builders.deployment_for(m, CONFIG, COMMIT, claim_uid="pvc-1")
+    assert dep["metadata"]["annotations"][builders.ANNOTATION_CLAIM_UID] == "pvc-1"
+    assert builders.ANNOTATION_CLAIM_UID not in dep["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_spec_hash_ignores_only_the_ttl_set_on_a_finished_job() -> None:
+    m = make()
+    plain = builders.cache_job_for(m, CONFIG)
+    with_ttl = builders.cache_job_for(m, CONFIG, ttl_seconds=60)
+    assert with_ttl["spec"]["ttlSecondsAfterFinished"] == 60
+    assert with_ttl["metadata"]["annotations"] == plain["metadata"]["annotations"]
+    other = builders.cache_job_for(make(image="reg/other:1"), CONFIG)
+    assert other["metadata"]["annotations"][builders.ANNOTATION_SPEC_HASH] != (
+        plain["metadata"]["annotations"][builders.ANNOTATION_SPEC_HASH]
+    )
+
+
+def test_a_revision_resolving_to_the_served_commit_keeps_the_pod_template() -> None:
+    """Pinning ``main`` to the commit it resolved to (the usual GitOps step) must replace no pod."""
+    on_branch = builders.deployment_for(make(revision="main"), CONFIG, COMMIT, claim_uid="pvc-1")
+    pinned = builders.deployment_for(make(revision=COMMIT), CONFIG, COMMIT, claim_uid="pvc-1")
+    tagged = builders.deployment_for(make(revision="v1.0"), CONFIG, COMMIT, claim_uid="pvc-1")
+    assert on_branch["spec"]["template"] == pinned["spec"]["template"] == tagged["spec"]["template"]
+    assert "vllm-operator.io/revision" not in on_branch["spec"]["template"]["metadata"]["annotations"]
+    # The Deployment itself still says which revision it follows.
+    assert on_branch["metadata"]["annotations"]["vllm-operator.io/revision"] == "main"
+    assert pinned["metadata"]["annotations"]["vllm-operator.io/revision"] == COMMIT
 
 
 def test_cache_job_name_is_per_model_and_revision() -> None:
@@ -204,8 +261,10 @@ def test_cache_job_runs_the_runtime_cache_command() -> None:
     assert fail_rule["action"] == "FailJob"
     assert fail_rule["onExitCodes"] == {"containerName": "cache", "operator": "In", "values": [3]}
     assert job["metadata"]["annotations"]["vllm-operator.io/revision"] == "v2"
-    assert "activeDeadlineSeconds" not in spec
+    assert spec["activeDeadlineSeconds"] == 6 * 3600, "a stuck download ends by default"
+    assert "ttlSecondsAfterFinished" not in spec, "the status needs a finished Job until its commit is deployed"
     assert builders.cache_job_for(make(), Config(cache_job_deadline_seconds=600))["spec"]["activeDeadlineSeconds"] == 600
+    assert "activeDeadlineSeconds" not in builders.cache_job_for(make(), Config(cache_job_deadline_seconds=None))["spec"]
 
 
 def test_cache_job_gets_the_token_only_as_a_secret_reference() -> None:
@@ -419,6 +478,23 @@ def test_config_from_env() -> None:
     assert config.gpu_resource is None  # set to empty: request no GPUs
     assert config.cache_job_deadline_seconds == 900
     assert Config.from_env({}) == Config()
+
+
+@pytest.mark.parametrize(
+    ("env", "deadline", "registries"),
+    [
+        ({}, 6 * 3600, ()),
+        ({"VLLM_OPERATOR_CACHE_JOB_DEADLINE_SECONDS": "0"}, None, ()),
+        ({"VLLM_OPERATOR_ALLOWED_IMAGE_REGISTRIES": " ghcr.io/org/ ,, reg.local:5000/team"}, 6 * 3600,
+         ("ghcr.io/org/", "reg.local:5000/team")),
+    ],
+)  # fmt: skip
+def test_config_cache_job_deadline_and_image_allowlist(
+    env: dict[str, str], deadline: int | None, registries: tuple[str, ...]
+) -> None:
+    config = Config.from_env(env)
+    assert config.cache_job_deadline_seconds == deadline
+    assert config.allowed_image_registries == registries
 
 
 @pytest.mark.parametrize(("name", "value"), [("METRICS_PORT", "eighty"), ("CACHE_SIZE_HEADROOM", "-1")])

@@ -17,12 +17,14 @@ from vllm_operator.plan import (
     ANNOTATION_CLAIM_UID,
     ANNOTATION_PLAN_DIGEST,
     ANNOTATION_SPEC_HASH,
+    RESULT_WAIT,
+    RETRY_FAILED_CACHE_AFTER,
     Apply,
     Delete,
     Observed,
+    Plan,
     is_subset,
     plan_reconcile,
-    spec_hash,
     transition_events,
 )
 
@@ -56,10 +58,10 @@ def job(m: VLLMModel, phase: str, message: dict[str, Any] | None = None, *, stal
         finished: datetime.datetime = NOW, claim_uid: str = "pvc-uid-1",
         plan_digest: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """A cache Job in ``phase`` and its pod, whose termination message is ``message``."""
-    obj = builders.cache_job_for(m, CONFIG)
+    obj = builders.cache_job_for(m, CONFIG, claim_uid=claim_uid)
     obj["metadata"]["uid"] = "job-uid-" + obj["metadata"]["name"]
-    obj["metadata"]["annotations"][ANNOTATION_SPEC_HASH] = "stale" if stale else spec_hash(obj)
-    obj["metadata"]["annotations"][ANNOTATION_CLAIM_UID] = claim_uid
+    if stale:
+        obj["metadata"]["annotations"][ANNOTATION_SPEC_HASH] = "stale"
     if plan_digest:
         obj["metadata"]["annotations"][ANNOTATION_PLAN_DIGEST] = plan_digest
     status: dict[str, Any] = {"active": 1} if phase == "running" else {}
@@ -92,9 +94,7 @@ def failed(reason: str, message: str = "detail") -> dict[str, Any]:
 
 
 def deployment(m: VLLMModel, commit: str, ready: int = 1, replicas: int | None = None) -> dict[str, Any]:
-    obj = builders.deployment_for(m, CONFIG, commit)
-    obj["metadata"]["ownerReferences"] = [builders.owner_reference_for(m)]
-    obj["metadata"]["annotations"][ANNOTATION_CLAIM_UID] = "pvc-uid-1"  # as the operator applies it
+    obj = builders.deployment_for(m, CONFIG, commit, claim_uid="pvc-uid-1")
     obj["metadata"]["generation"] = 1
     n = m.replicas if replicas is None else replicas
     obj["spec"]["replicas"] = n
@@ -103,9 +103,7 @@ def deployment(m: VLLMModel, commit: str, ready: int = 1, replicas: int | None =
 
 
 def service(m: VLLMModel) -> dict[str, Any]:
-    obj = builders.service_for(m, CONFIG)
-    obj["metadata"]["ownerReferences"] = [builders.owner_reference_for(m)]
-    return obj
+    return builders.service_for(m, CONFIG)
 
 
 def observed(m: VLLMModel, *, jobs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = (),  # type: ignore[assignment]
@@ -193,8 +191,10 @@ def test_revision_change_caches_first_and_keeps_the_old_deployment() -> None:
     old = model()
     obs = observed(m, jobs=[job(old, "succeeded", ok(OLD))], deployment=deployment(old, OLD), service=service(m))
     plan = plan_reconcile(m, obs, CONFIG)
-    assert kinds(plan.actions) == ["Apply:Job"], "the Deployment is untouched until the new commit is cached"
-    assert "v2" in plan.actions[0].obj["spec"]["template"]["spec"]["containers"][0]["args"]  # type: ignore[union-attr]
+    assert kinds(plan.actions) == ["Delete:Job", "Apply:Job"], "the Deployment is untouched until the new commit is cached"
+    assert plan.actions[0] == Delete(kube.JOBS, "ns", builders.cache_job_name(old),
+                                     "org/tiny@main is no longer the spec's org/tiny@v2")  # fmt: skip
+    assert "v2" in plan.actions[1].obj["spec"]["template"]["spec"]["containers"][0]["args"]  # type: ignore[union-attr]
     assert plan.status["resolvedRevision"] == OLD
     assert condition(plan.status, "Ready")["status"] == "True", "old pods keep serving"
     assert plan.status["phase"] == "Caching"
@@ -205,8 +205,8 @@ def test_revision_change_rolls_once_the_new_commit_is_cached() -> None:
     old = model()
     jobs = [job(old, "succeeded", ok(OLD)), job(m, "succeeded", ok(NEW, "v2"))]
     plan = plan_reconcile(m, observed(m, jobs=jobs, deployment=deployment(old, OLD), service=service(m)), CONFIG)
-    assert kinds(plan.actions) == ["Apply:Deployment"]
-    assert plan.actions[0].obj["metadata"]["annotations"][builders.ANNOTATION_COMMIT] == NEW  # type: ignore[union-attr]
+    assert kinds(plan.actions) == ["Delete:Job", "Apply:Deployment"], "the old revision's Job is not needed"
+    assert plan.actions[1].obj["metadata"]["annotations"][builders.ANNOTATION_COMMIT] == NEW  # type: ignore[union-attr]
     assert plan.status["resolvedRevision"] == NEW
     assert plan.status["phase"] == "Loading"
 

@@ -82,9 +82,17 @@ def test_owner_references_only_with_a_uid(tmp_path: Path, capsys: pytest.Capture
             "spec": {"model": "org/name"}}  # fmt: skip
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(body))
     _, out, _ = run_cli(capsys, "render", "-f", str(tmp_path / "m.yaml"))
+    owned = {}
     for d in (d for d in yaml.safe_load_all(out) if d):
-        assert d["metadata"]["ownerReferences"][0]["uid"] == "abc"
+        owned[d["kind"]] = [ref["uid"] for ref in d["metadata"].get("ownerReferences", [])]
         assert d["metadata"]["namespace"] == "team"
+    # Retain (the default): a GitOps user applying this output must not lose the cache with the model.
+    assert owned == {"PersistentVolumeClaim": [], "Job": ["abc"], "Deployment": ["abc"], "Service": ["abc"]}
+    body["spec"]["cache"] = {"deletePolicy": "Delete"}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(body))
+    _, out, _ = run_cli(capsys, "render", "-f", str(tmp_path / "m.yaml"))
+    (pvc,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "PersistentVolumeClaim"]
+    assert pvc["metadata"]["ownerReferences"][0]["uid"] == "abc"
     del body["metadata"]["uid"]
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(body))
     _, out, _ = run_cli(capsys, "render", "-f", str(tmp_path / "m.yaml"))

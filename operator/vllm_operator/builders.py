@@ -1,14 +1,18 @@
 """Pure builders: one function per child object of a VLLMModel.
 
-No I/O here. The live operator and ``vllm-operator render`` call the same functions, so what
-``render`` prints is what the operator creates (the operator adds ownerReferences with
-``kopf.adopt``; ``render`` adds them only when the input carries a uid).
+No I/O here. The live operator's plan and ``vllm-operator render`` call the same functions, and
+each returns the complete object the operator applies: ownerReferences (when the model has a uid;
+never on a cache PVC kept with ``cache.deletePolicy: Retain``) and every bookkeeping annotation
+(spec-hash, plan-digest, cache-claim-uid). Nothing decorates these objects afterwards, so what
+``render`` prints is what the operator applies.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from vllm_runtime.planner import spec as plan_spec
 
 from . import crd
 from .config import Config
+from .memory import plan_digest
 from .model import VLLMModel
 
 # Ports inside model pods and cache Jobs (the contract with vllm-runtime).
@@ -34,6 +39,14 @@ ANNOTATION_MODEL = ANNOTATION_PREFIX + "model"
 ANNOTATION_REVISION = ANNOTATION_PREFIX + "revision"
 ANNOTATION_COMMIT = ANNOTATION_PREFIX + "commit"
 LABEL_MODEL = ANNOTATION_PREFIX + "model"
+# A hash of a cache Job's spec (``spec_hash``): a failed or stuck Job whose hash differs from the
+# desired one was made from an older spec and is replaced.
+ANNOTATION_SPEC_HASH = ANNOTATION_PREFIX + "spec-hash"
+# The planner inputs a cache Job's ``--plan-*`` flags were made from (``memory.plan_digest``).
+ANNOTATION_PLAN_DIGEST = ANNOTATION_PREFIX + "plan-digest"
+# The uid of the cache PVC a cache Job filled / a Deployment serves from: a PVC deleted and re-created
+# by hand comes back empty, and a different uid says so.
+ANNOTATION_CLAIM_UID = ANNOTATION_PREFIX + "cache-claim-uid"
 
 # Paths inside containers.
 SHM_PATH = "/dev/shm"
@@ -103,7 +116,7 @@ def endpoint_for(model: VLLMModel) -> str:
 
 
 def owner_reference_for(model: VLLMModel) -> dict[str, Any]:
-    """The ownerReference ``kopf.adopt`` would add (``render`` uses it when the input has a uid)."""
+    """The model as a child's controlling owner, so Kubernetes garbage-collects the child with it."""
     if not model.uid:
         raise ValueError(f"VLLMModel {model.namespace}/{model.name} has no metadata.uid")
     return {
@@ -164,10 +177,13 @@ def cache_pvc_for(model: VLLMModel, config: Config) -> dict[str, Any] | None:
         spec["storageClassName"] = storage_class
     annotations = {ANNOTATION_MODEL: str(model.spec["model"])}
     annotations[ANNOTATION_PREFIX + "delete-policy"] = str(model.cache.get("deletePolicy", "Retain"))
+    # Retain: the cache outlives the model, so the model must not own it (the garbage collector would
+    # delete it with the model).
+    owned = model.cache.get("deletePolicy", "Retain") == "Delete"
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": _metadata(model, cache_pvc_name(model), COMPONENT_CACHE, annotations),
+        "metadata": _metadata(model, cache_pvc_name(model), COMPONENT_CACHE, annotations, owned=owned),
         "spec": spec,
     }
 
@@ -175,13 +191,24 @@ def cache_pvc_for(model: VLLMModel, config: Config) -> dict[str, Any] | None:
 # --- cache Job ---------------------------------------------------------------------------------------
 
 
-def cache_job_for(model: VLLMModel, config: Config, revision: str | None = None) -> dict[str, Any]:
+def cache_job_for(
+    model: VLLMModel,
+    config: Config,
+    revision: str | None = None,
+    *,
+    claim_uid: str | None = None,
+    ttl_seconds: int | None = None,
+) -> dict[str, Any]:
     """The Job that caches and verifies ``revision`` (default: the spec's) on the cache volume.
 
     Its pod writes a one-line JSON summary (``vllm_runtime.summary``) to its termination message,
     which is how the outcome reaches ``status`` without giving pods API rights. Exit code 3 is a
     permanent failure (bad token, unknown repo, no space): the Job fails at once instead of
     retrying ``backoffLimit`` times.
+
+    ``claim_uid``: the uid of the cache PVC it fills (annotated). ``ttl_seconds``: set once nothing
+    needs the finished Job any more (the Deployment's annotations carry its commit); the only field
+    of a Job that may change after it was created, so ``spec_hash`` leaves it out.
     """
     rev = revision if revision is not None else model.revision
     args = [
@@ -248,12 +275,26 @@ def cache_job_for(model: VLLMModel, config: Config, revision: str | None = None)
     }
     if config.cache_job_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = config.cache_job_deadline_seconds
+    if ttl_seconds is not None:
+        job_spec["ttlSecondsAfterFinished"] = ttl_seconds
+    annotations = _model_annotations(model, rev)
+    annotations[ANNOTATION_SPEC_HASH] = spec_hash(job_spec)
+    if cache_plan_flags(model):
+        annotations[ANNOTATION_PLAN_DIGEST] = plan_digest(model)
+    if claim_uid:
+        annotations[ANNOTATION_CLAIM_UID] = claim_uid
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(model, cache_job_name(model, rev), COMPONENT_CACHE, _model_annotations(model, rev)),
+        "metadata": _metadata(model, cache_job_name(model, rev), COMPONENT_CACHE, annotations),
         "spec": job_spec,
     }
+
+
+def spec_hash(job_spec: Mapping[str, Any]) -> str:
+    """A short hash of a Job's spec, without ``ttlSecondsAfterFinished`` (set later on the same Job)."""
+    hashed = {k: v for k, v in job_spec.items() if k != "ttlSecondsAfterFinished"}
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_plan_flags(model: VLLMModel) -> list[str]:
@@ -268,11 +309,15 @@ def cache_plan_flags(model: VLLMModel) -> list[str]:
 # --- Deployment --------------------------------------------------------------------------------------
 
 
-def deployment_for(model: VLLMModel, config: Config, commit: str) -> dict[str, Any]:
+def deployment_for(model: VLLMModel, config: Config, commit: str, *, claim_uid: str | None = None) -> dict[str, Any]:
     """The model server Deployment, serving ``commit`` (a 40-hex commit whose cache Job succeeded).
 
     Pods serve offline from the cache (``HF_HUB_OFFLINE=1``); a new commit changes the pod
     template, so Kubernetes rolls with maxUnavailable 0: old pods serve until new ones are ready.
+    The pod template depends only on the commit and the serving spec: ``spec.revision`` (a branch,
+    a tag, or the commit itself) is annotated on the Deployment, never in the template, so pinning a
+    branch to the commit it already serves replaces no pod. ``claim_uid``: the cache PVC it serves
+    from (annotated).
     """
     flags = vllm_args.vllm_flags(model.serving_spec)
     args = [
@@ -329,8 +374,10 @@ def deployment_for(model: VLLMModel, config: Config, commit: str) -> dict[str, A
     if config.runtime_class_name:
         pod_spec["runtimeClassName"] = config.runtime_class_name
     _add_placement(pod_spec, model)
-    annotations = _model_annotations(model, model.revision)
-    annotations[ANNOTATION_COMMIT] = commit
+    template_annotations = {ANNOTATION_MODEL: str(model.spec["model"]), ANNOTATION_COMMIT: commit}
+    annotations = {**_model_annotations(model, model.revision), ANNOTATION_COMMIT: commit}
+    if claim_uid:
+        annotations[ANNOTATION_CLAIM_UID] = claim_uid
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -343,7 +390,7 @@ def deployment_for(model: VLLMModel, config: Config, commit: str) -> dict[str, A
             "selector": {"matchLabels": selector_for(model)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": labels_for(model, COMPONENT_SERVER), "annotations": annotations},
+                "metadata": {"labels": labels_for(model, COMPONENT_SERVER), "annotations": template_annotations},
                 "spec": pod_spec,
             },
         },
@@ -371,20 +418,30 @@ def service_for(model: VLLMModel, config: Config) -> dict[str, Any]:
     }
 
 
-def children_for(model: VLLMModel, config: Config, commit: str) -> list[dict[str, Any]]:
-    """Every child, in creation order: cache PVC (if any), cache Job, Deployment, Service."""
-    children = [cache_pvc_for(model, config), cache_job_for(model, config)]
-    children += [deployment_for(model, config, commit), service_for(model, config)]
+def children_for(model: VLLMModel, config: Config, commit: str, *, claim_uid: str | None = None) -> list[dict[str, Any]]:
+    """Every child, in creation order: cache PVC (if any), cache Job, Deployment, Service.
+
+    What ``render`` prints; the plan calls the same builders one at a time, as each child's turn comes.
+    ``claim_uid``: the cache PVC's uid, known only in a cluster.
+    """
+    children = [cache_pvc_for(model, config), cache_job_for(model, config, claim_uid=claim_uid)]
+    children += [deployment_for(model, config, commit, claim_uid=claim_uid), service_for(model, config)]
     return [child for child in children if child is not None]
 
 
 # --- private helpers ---------------------------------------------------------------------------------
 
 
-def _metadata(model: VLLMModel, name: str, component: str, annotations: dict[str, str]) -> dict[str, Any]:
+def _metadata(
+    model: VLLMModel, name: str, component: str, annotations: dict[str, str], *, owned: bool = True
+) -> dict[str, Any]:
+    """A child's metadata; owned by the model when ``owned`` and the model has a uid (a body without one,
+    e.g. a file given to ``render``, cannot be referenced: a made-up uid gets the child collected)."""
     metadata: dict[str, Any] = {"name": name, "namespace": model.namespace, "labels": labels_for(model, component)}
     if annotations:
         metadata["annotations"] = dict(annotations)
+    if owned and model.uid:
+        metadata["ownerReferences"] = [owner_reference_for(model)]
     return metadata
 
 

@@ -17,6 +17,10 @@ from .model import VLLMModel
 JSON = dict[str, Any]
 
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+# The kubelet cannot build the container: a Secret or ConfigMap (or a key in it) an env var names is missing.
+CONTAINER_CONFIG_REASONS = frozenset({"CreateContainerConfigError"})
+# Cluster autoscalers add nodes for an unschedulable pod within minutes: only report it after this long.
+UNSCHEDULABLE_GRACE = datetime.timedelta(minutes=2)
 
 
 def metadata_of(obj: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -116,6 +120,69 @@ def image_pull_failure(pod: Mapping[str, Any], cs: Mapping[str, Any]) -> st.Cond
         f"{wait.get('message') or 'no detail'}); check spec.image (or the operator's "
         "VLLM_OPERATOR_RUNTIME_IMAGE) and spec.imagePullSecrets",
     )  # fmt: skip
+
+
+def container_config_failure(pod: Mapping[str, Any], cs: Mapping[str, Any]) -> st.Condition:
+    """A container the kubelet cannot create; the kubelet's message names the Secret or key, never a value."""
+    wait = (cs.get("state") or {}).get("waiting") or {}
+    return st.Condition(
+        st.FAILED, st.TRUE, "CreateContainerConfigError",
+        f"pod {metadata_of(pod).get('name')} cannot start container {cs.get('name')!r}: "
+        f"{wait.get('message') or 'no detail'}; check that the Secret (and key) spec.hfTokenSecretRef names "
+        "exists in the model's namespace, and every secretKeyRef/configMapKeyRef of spec.env",
+    )  # fmt: skip
+
+
+def unschedulable(pod: Mapping[str, Any]) -> tuple[datetime.datetime | None, str] | None:
+    """(since when, scheduler message) while the pod's PodScheduled condition is False/Unschedulable."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            return st.parse_time(cond.get("lastTransitionTime")), str(cond.get("message") or "no detail")
+    return None
+
+
+def unschedulable_failure(pod: Mapping[str, Any], message: str) -> st.Condition:
+    return st.Condition(
+        st.FAILED, st.TRUE, "Unschedulable",
+        f"pod {metadata_of(pod).get('name')} cannot be scheduled: {message}; check spec.nodeSelector, "
+        "spec.tolerations, spec.affinity and spec.resources against the cluster's nodes (a ReadWriteOnce cache "
+        "volume also ties the pod to the node it is attached to)",
+    )  # fmt: skip
+
+
+def pod_start_failure(
+    pods: Iterable[Mapping[str, Any]], now: datetime.datetime
+) -> tuple[st.Condition | None, float | None]:
+    """Why pods cannot start (image pull, container config, unschedulable for longer than the grace),
+    and, while a pod is unschedulable but within the grace, the seconds until it would be reported."""
+    pods = list(pods)
+    pull = waiting(pods, IMAGE_PULL_REASONS)
+    if pull is not None:
+        return image_pull_failure(*pull), None
+    config_error = waiting(pods, CONTAINER_CONFIG_REASONS)
+    if config_error is not None:
+        return container_config_failure(*config_error), None
+    recheck: float | None = None
+    for pod in pods:
+        found = unschedulable(pod)
+        if found is None:
+            continue
+        since, message = found
+        left = UNSCHEDULABLE_GRACE - (now - since) if since is not None else datetime.timedelta(0)
+        if left <= datetime.timedelta(0):
+            return unschedulable_failure(pod, message), None
+        recheck = left.total_seconds() if recheck is None else min(recheck, left.total_seconds())
+    return None, recheck
+
+
+def has_terminated_container(pods: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether any pod reports a terminated container: its termination message, if any, is visible then
+    (the kubelet writes the state and the message in the same status update)."""
+    for pod in pods:
+        for cs in _container_statuses(pod):
+            if (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated"):
+                return True
+    return False
 
 
 def crash_loop_failure(pod: Mapping[str, Any], cs: Mapping[str, Any]) -> st.Condition:

@@ -1,10 +1,11 @@
 """``vllm-operator render``: every object the operator would create, with no cluster.
 
-It calls the same builders as the live operator. Two things are only known in a cluster and are
-marked instead: the commit a branch or tag resolves to (the cache Job resolves it; a 40-hex
-``spec.revision`` is used as is), and ownerReferences (added only when the input carries
+It calls the same builders as the live operator's plan, which return each child complete. Three
+things are only known in a cluster and are marked or left out instead: the commit a branch or tag
+resolves to (the cache Job resolves it; a 40-hex ``spec.revision`` is used as is), the cache PVC's
+uid (annotated on the Job and Deployment), and ownerReferences (added only when the input carries
 ``metadata.uid``, e.g. from ``kubectl get -o yaml``: an ownerReference to a uid that does not exist
-would get the object garbage-collected).
+would get the object garbage-collected; never on a PVC with ``cache.deletePolicy: Retain``).
 """
 
 from __future__ import annotations
@@ -83,25 +84,38 @@ def is_vllm_model(document: dict[str, Any]) -> bool:
     return document.get("kind") == crd.KIND and str(document.get("apiVersion", "")).startswith(crd.GROUP + "/")
 
 
-def render_model(body: dict[str, Any], config: Config, *, namespace: str = "default") -> list[Rendered]:
-    """The children of one VLLMModel body, in creation order, with comments."""
+def render_model(
+    body: dict[str, Any],
+    config: Config,
+    *,
+    namespace: str = "default",
+    commit: str | None = None,
+    claim_uid: str | None = None,
+) -> list[Rendered]:
+    """The children of one VLLMModel body, in creation order, with comments: the objects the operator
+    applies (``builders.children_for``), ownerReferences and annotations included.
+
+    ``commit`` and ``claim_uid`` are what only a cluster knows (the commit the cache Job resolves a
+    branch to, the cache PVC's uid); without them the commit is a marked placeholder (or the 40-hex
+    ``spec.revision``) and the claim-uid annotation is left out.
+    """
     model = VLLMModel.from_body(body, default_namespace=namespace)
-    commit = commit_for(model)
+    commit = commit or commit_for(model)
     where = f"VLLMModel {model.namespace}/{model.name}"
     out: list[Rendered] = []
-    for obj in builders.children_for(model, config, commit):
+    for obj in builders.children_for(model, config, commit, claim_uid=claim_uid):
         kind = obj["kind"]
         comment = f"{where}: {kind} {obj['metadata']['name']}"
-        if kind == "Deployment" and commit != model.revision:
+        if kind == "Deployment" and commit == placeholder_commit(model.revision):
             comment += (
                 f"\nrevision {model.revision!r} is a branch or tag: the operator deploys the 40-hex commit the"
                 f" cache Job resolves it to, in place of {commit}"
             )
         if kind == "PersistentVolumeClaim" and not model.cache.get("size") and not builders.known_model_bytes(model):
             comment += "\nsize: the operator's default until the model's size is known (set spec.cache.size to fix it)"
-        if model.uid:
-            obj["metadata"]["ownerReferences"] = [builders.owner_reference_for(model)]
-        else:
+        if kind == "PersistentVolumeClaim" and "ownerReferences" not in obj["metadata"]:
+            comment += "\nownerReferences: none (spec.cache.deletePolicy: Retain keeps the cache when the model goes)"
+        elif not model.uid:
             comment += "\nownerReferences: added by the operator (the VLLMModel's uid is only known in a cluster)"
         out.append(Rendered(comment, obj))
     return out

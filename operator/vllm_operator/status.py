@@ -13,7 +13,6 @@ READY = "Ready"
 FAILED = "Failed"
 MEMORY_FITS = "MemoryFits"
 STALLED = "Stalled"  # kstatus' abnormal-true condition (Flux): True exactly while Failed is True
-CONDITION_TYPES = (CACHED, READY, FAILED, STALLED, MEMORY_FITS)
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
@@ -51,11 +50,6 @@ def find(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[
         if cond.get("type") == type_:
             return cond
     return None
-
-
-def is_true(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> bool:
-    cond = find(conditions, type_)
-    return bool(cond and cond.get("status") == TRUE)
 
 
 def merge_conditions(
