@@ -37,7 +37,7 @@ import hashlib
 import itertools
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import attrs
@@ -72,6 +72,9 @@ class CacheOutcome:
     bytes: int = 5 * 2**20
     files: int = 4
     plan: dict[str, Any] | None = None  # the memory plan a ``--plan-*`` cache run reports
+    # Set: the Job's outcome is reported first and its pod's termination message only once this is set
+    # (the Job and Pod watches are separate streams; a real cluster can deliver them in either order).
+    pod_report: asyncio.Event | None = field(default=None, compare=False)
 
     def summary(self, model: str, revision: str) -> dict[str, Any]:
         base = {"command": "cache", "model": model, "revision": revision}
@@ -354,17 +357,23 @@ class KubeEmulator(kmock.KubernetesEmulator):
         message = json.dumps(outcome.summary(_arg(args, "--model"), _arg(args, "--revision")))
         terminated = {"exitCode": 0 if outcome.ok else 3, "reason": "Completed" if outcome.ok else "Error",
                       "message": message, "finishedAt": _now()}  # fmt: skip
-        await self.put(PODS, ns, f"{name}-pod", {"status": {
+        pod_status = {"status": {
             "phase": "Succeeded" if outcome.ok else "Failed",
             "containerStatuses": [{"name": container["name"], "image": container["image"], "ready": False,
                                    "restartCount": 0, "state": {"terminated": terminated}}],
-        }})  # fmt: skip
+        }}  # fmt: skip
         condition = {"type": "Complete" if outcome.ok else "Failed", "status": "True", "lastTransitionTime": _now(),
                      "reason": None if outcome.ok else "PodFailurePolicy"}  # fmt: skip
         status = {"active": None, "completionTime": _now() if outcome.ok else None,
                   "succeeded": 1 if outcome.ok else None, "failed": None if outcome.ok else 1,
                   "conditions": [{k: v for k, v in condition.items() if v is not None}]}  # fmt: skip
-        await self.put(JOBS, ns, name, {"status": status})
+        if outcome.pod_report is None:
+            await self.put(PODS, ns, f"{name}-pod", pod_status)
+            await self.put(JOBS, ns, name, {"status": status})
+        else:
+            await self.put(JOBS, ns, name, {"status": status})
+            await outcome.pod_report.wait()
+            await self.put(PODS, ns, f"{name}-pod", pod_status)
 
     async def _roll_deployment(self, deployment: dict[str, Any]) -> None:
         await asyncio.sleep(0.05)

@@ -57,9 +57,10 @@ class Operator:
     not share a loop with the emulator's HTTP server (whose connection tasks it would cancel).
     """
 
-    def __init__(self, config: Config, url: str) -> None:
+    def __init__(self, config: Config, url: str, namespaces: tuple[str, ...] = ()) -> None:
         self.config = config
         self.url = url
+        self.namespaces = namespaces
         self.thread: threading.Thread | None = None
         self.stop_flag = threading.Event()
 
@@ -71,7 +72,8 @@ class Operator:
         ready = threading.Event()
 
         def run() -> None:
-            coro = runner.operator_task(self.config, login=self.login, stop_flag=self.stop_flag, ready_flag=ready)
+            coro = runner.operator_task(self.config, self.namespaces, login=self.login, stop_flag=self.stop_flag,
+                                        ready_flag=ready)  # fmt: skip
             asyncio.run(coro)
 
         self.thread = threading.Thread(target=run, name="operator", daemon=True)
@@ -160,7 +162,9 @@ async def cluster(tiny_model_dir: Path) -> AsyncIterator[Cluster]:
         hub.add_repo(TINY_REPO, tiny_model_dir)
         async with KubeEmulator() as emu, kmock.Server(emu) as server:
             # A long resync: convergence in these tests must come from watches and retries, not the timer.
-            config = Config(reconcile_interval_seconds=600, metrics_port=free_port(), hf_endpoint=hub.url)
+            # Refusals surface after 2 s and retries back off to at most 2 s, so the tests stay short.
+            config = Config(reconcile_interval_seconds=600, metrics_port=free_port(), hf_endpoint=hub.url,
+                            surface_failures_after_seconds=2, retry_max_delay_seconds=2)  # fmt: skip
             operator = Operator(config, str(server.url).rstrip("/"))
             await operator.start()
             try:
@@ -482,3 +486,86 @@ async def test_a_cache_pvc_deleted_by_hand_is_filled_again(cluster: Cluster) -> 
         lambda: emu.read(DEPLOYMENTS, ns, "m")["metadata"]["annotations"]["vllm-operator.io/cache-claim-uid"]  # type: ignore[index]
         == new_pvc_uid, "the Deployment follows the new cache")  # fmt: skip
     await cluster.ready(ns, "m")
+
+
+def metric(cluster: Cluster, name: str) -> float:
+    url = f"http://127.0.0.1:{cluster.operator.config.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))  # fmt: skip
+
+
+async def test_a_job_outcome_is_judged_with_its_pods_report_whatever_arrives_first(cluster: Cluster) -> None:
+    ns, emu = "joborder", cluster.emu
+    report = asyncio.Event()
+    emu.outcomes["gated"] = CacheOutcome(ok=False, reason="GatedRepo", message="401 on a gated repo", pod_report=report)
+    await cluster.create(ns, "m", revision="gated")
+    job = job_name(ns, "m", "gated")
+    await eventually(lambda: (emu.read(JOBS, ns, job) or {}).get("status", {}).get("failed") == 1, "the Job failed")
+    # The Job says Failed, its pod has not reported why yet: no reason may be stated that the pod's
+    # report would contradict. Reconciles keep happening meanwhile (a child event, a resync).
+    await cluster.patch(ns, "m", {"metadata": {"labels": {"touch": "1"}}})
+    await emu.put(PODS, ns, f"{job}-pod", {"metadata": {"annotations": {"touch": "1"}}})
+    await eventually(lambda: metric(cluster, "vllm_operator_reconcile_total") > 0, "reconciles ran")
+    status = cluster.status(ns, "m")
+    assert status.get("phase") != "Failed" and condition(status, "Failed")["status"] == "False", status
+    assert "PodFailurePolicy" not in cluster.event_reasons(ns)
+    report.set()
+    await eventually(lambda: condition(cluster.status(ns, "m"), "Failed")["reason"] == "GatedRepo", "the pod's reason")
+    await eventually(lambda: "GatedRepo" in cluster.event_reasons(ns), "a Warning event with the real reason")
+    assert "PodFailurePolicy" not in cluster.event_reasons(ns)
+
+
+async def test_a_write_the_server_keeps_refusing_shows_in_status_and_an_event_then_clears(cluster: Cluster) -> None:
+    ns, emu = "refused", cluster.emu
+    refusal = Fault(10**6, 500)
+    emu[kmock.method.PATCH, SERVICES, kmock.namespace(ns)] << refusal
+    await cluster.create(ns, "m")
+    await eventually(lambda: condition(cluster.status(ns, "m"), "Failed")["reason"] == "ApiUnavailable",
+                     "the refusal in status")  # fmt: skip
+    status = cluster.status(ns, "m")
+    assert status["phase"] == "Failed" and "Service/m" in status["message"] and "injected 500" in status["message"]
+    await eventually(lambda: "ApiUnavailable" in cluster.event_reasons(ns), "a Warning event")
+    # Every other child was still applied: the refused Service does not hold the Deployment back.
+    assert emu.read(DEPLOYMENTS, ns, "m") is not None
+    served = refusal.served
+    await eventually(lambda: refusal.served >= served + 2, "retries continue")
+    refusal.left = 0
+    await cluster.ready(ns, "m")
+    assert condition(cluster.status(ns, "m"), "Failed")["status"] == "False"
+
+
+async def test_deleted_models_leave_nothing_in_the_operators_memory(cluster: Cluster) -> None:
+    ns = "churn"
+    before = await asyncio.to_thread(metric, cluster, "vllm_operator_tracked_models")
+    names = [f"m{i}" for i in range(10)]
+    for name in names:
+        await cluster.create(ns, name)
+    for name in names:
+        await cluster.ready(ns, name)
+    assert await asyncio.to_thread(metric, cluster, "vllm_operator_tracked_models") >= before + len(names)
+    for name in names:
+        await cluster.delete(ns, name)
+    # Their children's DELETED events arrive after the models are gone: none may bring a model's state back.
+    await eventually(lambda: cluster.emu.names(JOBS, ns) == [] and cluster.emu.names(DEPLOYMENTS, ns) == [],
+                     "the children collected")  # fmt: skip
+    await eventually(lambda: metric(cluster, "vllm_operator_tracked_models") == before, "no per-model state left")
+
+
+async def test_namespaced_mode_reads_nothing_cluster_wide(tiny_model_dir: Path) -> None:
+    async with KubeEmulator() as emu, kmock.Server(emu) as server:
+        config = Config(reconcile_interval_seconds=600, metrics_port=0)
+        operator = Operator(config, str(server.url).rstrip("/"), namespaces=("llm",))
+        await operator.start()
+        try:
+            cluster = Cluster(emu, operator)
+            await cluster.create("llm", "m")
+            await cluster.ready("llm", "m")
+        finally:
+            await operator.stop()
+        paths = {str(r.url.path) for r in emu._requests}
+        assert "/api/v1/namespaces" not in paths, "no namespace observation: the chart's Role does not allow it"
+        assert not [p for p in paths if p.endswith("/customresourcedefinitions")], "no CRD observation (discovery is fine)"
+        watched = {p for p in paths if "/namespaces/" not in p and p.rsplit("/", 1)[-1] in {
+            "vllmmodels", "jobs", "pods", "deployments", "services", "persistentvolumeclaims"}}  # fmt: skip
+        assert watched == set(), f"cluster-wide reads of objects: {watched}"

@@ -104,6 +104,7 @@ def register(
             settings.scanning.disabled = True
         state.bind({name: kwargs[name] for name in [MODELS_INDEX, *map(_index_name, WATCHED_CHILDREN)]})
         reconciler.queue.start()
+        metrics.TRACKED.set_function(reconciler.tracked)
         background["metrics"] = metrics.serve(config.metrics_port)
 
     @kopf.on.cleanup(registry=registry)

@@ -4,6 +4,7 @@
 - ``vllm_operator_reconcile_errors_total``: reconciles that did not succeed (retry + error)
 - ``vllm_operator_reconcile_duration_seconds``: reconcile duration histogram
 - ``vllm_operator_models{phase}``: VLLMModels per phase, as last reconciled by this operator
+- ``vllm_operator_tracked_models``: models with per-model state in memory (falls back to 0 as models go)
 - ``vllm_operator_api_requests_total{verb,resource}``: requests the operator's own client made (kopf's
   watches are not counted here): get, list, apply, patch, create, delete; resource as plural[/subresource]
 """
@@ -27,6 +28,9 @@ DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 MODELS = Gauge("vllm_operator_models", "VLLMModels per phase", ["phase"])
+TRACKED = Gauge(
+    "vllm_operator_tracked_models", "Models with per-model state in the operator's memory (queue, timers, plans)"
+)
 API_REQUESTS = Counter(
     "vllm_operator_api_requests", "Kubernetes API requests made by the operator's client", ["verb", "resource"]
 )
