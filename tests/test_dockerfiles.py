@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -100,3 +102,110 @@ def test_copied_sources_exist_and_the_context_leaves_out_venvs(path: Path) -> No
             assert (ROOT / source).exists(), f"{path.name}: COPY {source} (the build context is the repository root)"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+# --- what each image carries ------------------------------------------------------------------------------
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+DEV_TOOLS = ("runtime/vllm_runtime/devhub", "runtime/vllm_runtime/demo.py")  # in no image
+# Heavy modules only the loopback Hub's tiny model (and vLLM) use, and the runtime's host probes.
+RUNTIME_ONLY = ("numpy", "safetensors", "tokenizers", "torch", "vllm", "pynvml", "psutil")
+OPERATOR_ONLY = ("kopf", "aiohttp", "kubernetes", "jsonschema", "celpy")
+
+
+def _requirement_names(extra: str | None) -> set[str]:
+    """Distribution names (normalised) in the base dependencies plus ``extra``."""
+    specs = PYPROJECT["dependencies"] + (PYPROJECT["optional-dependencies"][extra] if extra else [])
+    return {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower().replace("_", "-") for spec in specs}
+
+
+def _imported_top_names(package: Path, *, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
+    """Top-level module -> a file importing it, for every import (lazy ones included) under ``package``."""
+    import ast
+    import sys
+
+    found: dict[str, str] = {}
+    for path in sorted(package.rglob("*.py")):
+        if any(str(path.relative_to(ROOT)).startswith(skip) for skip in leave_out):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])  # fmt: skip
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in {"vllm_operator", "vllm_runtime", "vllm"}:
+                    found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"), [(OPERATOR, "operator"), (RUNTIME, "runtime")], ids=["operator", "runtime"]
+)
+def test_each_image_installs_only_its_own_extra(path: Path, extra: str) -> None:
+    installs = [run for run in instructions(path, "RUN") if "pip install" in run]
+    assert installs, f"{path.name} installs the project with pip"
+    for run in installs:
+        assert re.search(rf"""pip install ["']?\.\[{extra}\]["']?(\s|$)""", run), f"{path.name}: install .[{extra}]"
+
+
+def test_dev_tools_stay_out_of_the_build_context() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    for tool in DEV_TOOLS:
+        assert (ROOT / tool).exists(), f"{tool} moved: update .dockerignore and DEV_TOOLS"
+        assert tool in ignored, f"{tool} must not reach an image: list it in .dockerignore"
+
+
+@pytest.mark.parametrize(
+    ("package", "extra", "leave_out"),
+    [("operator/vllm_operator", "operator", ()), ("runtime/vllm_runtime", "runtime", DEV_TOOLS)],
+    ids=["operator", "runtime"],
+)
+def test_every_third_party_import_is_declared_in_its_extra(package: str, extra: str, leave_out: tuple[str, ...]) -> None:
+    from importlib.metadata import packages_distributions
+
+    distributions = packages_distributions()
+    declared = _requirement_names(extra)
+    for module, where in _imported_top_names(ROOT / package, leave_out=leave_out).items():
+        owners = {d.lower().replace("_", "-") for d in distributions.get(module, [])}
+        assert owners & declared, f"{where} imports {module} ({owners or 'not installed'}): add it to [{extra}]"
+
+
+def _import_everything(packages: list[str], blocked: tuple[str, ...], then: str = "") -> subprocess.CompletedProcess[str]:
+    """Import every module of ``packages`` in a fresh interpreter where the ``blocked`` modules cannot load."""
+    script = "\n".join([
+        "import importlib, pkgutil, sys",
+        f"for name in {list(blocked)!r}: sys.modules[name] = None  # import fails as if not installed",
+        f"for top in {packages!r}:",
+        "    package = importlib.import_module(top)",
+        "    for info in pkgutil.walk_packages(package.__path__, top + '.'):",
+        "        if sys.modules.get(info.name, 0) is not None:",
+        "            importlib.import_module(info.name)",
+        then,
+    ])  # fmt: skip
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_the_operator_needs_none_of_the_runtimes_heavy_modules() -> None:
+    """The operator image has no numpy, safetensors, tokenizers, torch or NVML: every operator module (and the
+    runtime contract modules they import: layout, vllm_args, summary, planner) loads without them, and render works."""
+    example = ROOT / "examples" / "01-small-hub-model.yaml"
+    result = _import_everything(["vllm_operator"], RUNTIME_ONLY, then="\n".join([
+        "from vllm_operator.cli import main",
+        f"sys.exit(main(['render', '-f', {str(example)!r}]))",
+    ]))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kind: Deployment" in result.stdout
+
+
+def test_the_runtime_needs_neither_kopf_nor_the_dev_tools() -> None:
+    """Model pods have no kopf, aiohttp or kubernetes client, and no demo or loopback Hub: every runtime module
+    loads without them and the command line still offers every pod subcommand."""
+    blocked = (*OPERATOR_ONLY, "numpy", "safetensors", "tokenizers", "vllm_runtime.devhub", "vllm_runtime.demo")
+    result = _import_everything(["vllm_runtime"], blocked, then="\n".join([
+        "from vllm_runtime.cli import build_parser",
+        "commands = build_parser()._subparsers._group_actions[0].choices",
+        "print(sorted(commands))",
+    ]))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = set(result.stdout.strip().strip("[]").replace("'", "").split(", "))
+    assert {"cache", "serve", "plan", "ls", "rm", "gc"} <= commands and "demo" not in commands

@@ -21,6 +21,8 @@ SUBCOMMAND_MODULES = (
     "vllm_runtime.manage",  # ls, rm, gc
     "vllm_runtime.demo",  # demo: the whole pod path on this machine
 )
+# Development tools that images leave out (.dockerignore): the command line works without them.
+OPTIONAL_MODULES = frozenset({"vllm_runtime.demo"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if name in OPTIONAL_MODULES and exc.name == name:
+                continue  # left out of this build (the runtime image carries no demo)
+            raise
+        module.register(subparsers)
     return parser
 
 
