@@ -6,9 +6,12 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 import pytest
 from cache_helpers import cache_in_process
 from hub_fixtures import TINY_REPO
@@ -16,7 +19,9 @@ from hub_fixtures import TINY_REPO
 from vllm_runtime import manage, summary
 from vllm_runtime.cache import find_complete_commit, read_manifest
 from vllm_runtime.cache.manifest import snapshot_matches
+from vllm_runtime.cache.usage import lease_if_complete
 from vllm_runtime.devhub.server import DevHub
+from vllm_runtime.devhub.tiny_model import generate
 from vllm_runtime.layout import CacheLayout, repo_folder_name
 
 OTHER_REPO = "test-org/other"
@@ -144,6 +149,177 @@ def test_gc_evicts_least_recently_used_commits_not_in_use(
 def test_parse_size() -> None:
     assert manage.parse_size("10Gi") == 10 * 1024**3
     assert manage.parse_size("500MB") == 500 * 1000**2
+    assert manage.parse_size("1.5Gi") == 3 * 512 * 1024**2
     assert manage.parse_size("123") == 123
-    with pytest.raises(argparse.ArgumentTypeError):
-        manage.parse_size("ten gigs")
+    for typo in ("ten gigs", "5i", "1iB", "0.5", "1.5", "1.0000001K", "-1", "Gi"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            manage.parse_size(typo)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("gc", "--max-size", "5i"), ("gc", "--max-size", "1iB"), ("gc", "--max-size", "0.5"),
+        ("gc", "--max-size", "1Gi", "--lease-ttl", "0"), ("gc", "--max-size", "1Gi", "--lease-ttl", "-5"),
+        ("gc", "--max-size", "1Gi", "--lease-ttl", "nan"), ("ls", "--lease-ttl", "inf"),
+        ("rm", "--model", "o/m", "--lease-ttl", "0"),
+    ],
+)
+def test_bad_sizes_and_lease_ttls_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        _cli(capsys, argv[0], "--cache-dir", str(tmp_path), *argv[1:])
+    assert exited.value.code == summary.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert ("--lease-ttl" if "--lease-ttl" in argv else "--max-size") in err
+
+
+def test_rm_checks_leases_under_the_commits_lock(
+    filled_cache: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that leases the commit right after rm listed the cache still wins: the check runs under the lock."""
+    cache, commits = filled_cache
+    real_list = manage.list_cache
+
+    def list_then_a_server_leases(*args: object, **kwargs: object) -> list[manage.CachedCommit]:
+        listed = real_list(*args, **kwargs)  # type: ignore[arg-type]
+        assert lease_if_complete(cache, OTHER_REPO, commits["other"], holder="late-pod")
+        return listed
+
+    monkeypatch.setattr(manage, "list_cache", list_then_a_server_leases)
+    with pytest.raises(PermissionError, match="late-pod"):
+        manage.remove(cache, OTHER_REPO, commits["other"])
+    assert read_manifest(cache, OTHER_REPO, commits["other"]) is not None
+
+
+def test_a_server_cannot_lease_a_commit_rm_removed(filled_cache: tuple[Path, dict[str, str]]) -> None:
+    cache, commits = filled_cache
+    manage.remove(cache, OTHER_REPO, commits["other"])
+    assert lease_if_complete(cache, OTHER_REPO, commits["other"], holder="pod") is False
+    assert not list((CacheLayout(cache).state / "leases").glob("*.lease"))
+    # While rm holds the lock, the lease waits for it rather than slipping in.
+    lock = filelock.FileLock(str(CacheLayout(cache).lock_path(TINY_REPO, commits["v1"])))
+    with lock, pytest.raises(filelock.Timeout):
+        lease_if_complete(cache, TINY_REPO, commits["v1"], holder="pod", lock_timeout=0.2)
+
+
+def _age(path: Path, seconds: float = 2 * manage.LEFTOVER_MIN_AGE_SECONDS) -> Path:
+    when = time.time() - seconds
+    os.utime(path, (when, when), follow_symlinks=False)
+    return path
+
+
+def test_gc_removes_what_failed_caches_left_and_nothing_live(
+    filled_cache: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache, commits = filled_cache
+    layout = CacheLayout(cache)
+    complete_before = {(c.repo_id, c.commit) for c in manage.list_cache(cache) if c.complete}
+    # A killed cache of test-org/killed: snapshot without manifest, a blob only it uses, its verification
+    # journal, a temporary manifest.
+    killed = "test-org/killed"
+    blobs = layout.repo_dir(killed) / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "aaaa").write_bytes(b"x" * 1000)
+    snapshot = layout.snapshot_dir(killed, "b" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to(blobs / "aaaa")
+    # In a repo that keeps a complete commit: a partial download and a blob no snapshot links to.
+    other_blobs = layout.repo_dir(OTHER_REPO) / "blobs"
+    partial = other_blobs / "cccc.incomplete"
+    partial.write_bytes(b"y" * 500)
+    _age(partial)
+    journal = layout.state / "verified" / f"{repo_folder_name(killed)}--{'b' * 40}.json"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text("{}")
+    orphan = other_blobs / "dddd"
+    orphan.write_bytes(b"z" * 10)
+    _age(orphan)
+    tmp_manifest = layout.manifests / repo_folder_name(TINY_REPO) / ".x.json.123.tmp"
+    tmp_manifest.write_text("{")
+    _age(tmp_manifest)
+    # Live work that must stay: a partial download too young to be a leftover, and a cache run that holds
+    # its commit's lock (a snapshot without manifest yet).
+    fresh_partial = layout.repo_dir(TINY_REPO) / "blobs" / "eeee.incomplete"
+    fresh_partial.write_bytes(b"live")
+    live = layout.snapshot_dir("test-org/running", "c" * 40)
+    live.mkdir(parents=True)
+    (live / "config.json").write_text("{}")
+    running_lock = layout.lock_path("test-org/running", "c" * 40)
+    running_lock.parent.mkdir(parents=True, exist_ok=True)
+
+    with filelock.FileLock(str(running_lock)):
+        code, out, _ = _cli(capsys, "gc", "--cache-dir", str(cache), "--max-size", "1Gi", "--dry-run")
+        assert code == 0 and "would remove incomplete snapshot" in out and snapshot.exists()
+        code, out, _ = _cli(capsys, "gc", "--cache-dir", str(cache), "--max-size", "1Gi")
+    assert code == 0, out
+    assert not snapshot.exists() and not (blobs / "aaaa").exists() and not journal.exists()
+    assert not partial.exists() and not orphan.exists() and not tmp_manifest.exists()
+    assert "partial download" in out and "temporary file" in out
+    assert fresh_partial.exists() and live.exists()
+    assert {(c.repo_id, c.commit) for c in manage.list_cache(cache) if c.complete} == complete_before
+    for repo_id, commit in complete_before:
+        manifest = read_manifest(cache, repo_id, commit)
+        assert manifest is not None and snapshot_matches(cache, manifest)
+
+
+# ------------------------------------------------------------------ a revision change never fills the volume
+
+MODEL_BYTES_APPROX = 760_000  # the default tiny model: weights, tokenizer and configs
+
+
+@pytest.fixture
+def volume_for_two_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A volume that holds two tiny models but not three: a real tmpfs when this process may mount one
+    (root); otherwise ``shutil.disk_usage`` as the cache sees it reports the quota minus the bytes under it."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    quota = int(2.5 * MODEL_BYTES_APPROX)
+    mounted = shutil.which("mount") is not None and os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={quota // 1024}k", "tmpfs", str(volume)], capture_output=True
+    ).returncode == 0
+    if not mounted:
+        real = shutil.disk_usage
+
+        def quota_disk(path: str | os.PathLike[str]) -> object:
+            used = sum(p.stat().st_size for p in volume.rglob("*") if p.is_file() and not p.is_symlink())
+            return type(real(path))(total=quota, used=used, free=max(quota - used, 0))
+
+        monkeypatch.setattr("vllm_runtime.cache.command.shutil.disk_usage", quota_disk)
+    try:
+        yield volume
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(volume)], capture_output=True)
+
+
+def test_revision_changes_evict_unserved_commits_least_recently_used_first(
+    devhub: DevHub, hub_environ: dict[str, str], tmp_path: Path, volume_for_two_models: Path
+) -> None:
+    models = [generate(tmp_path / f"model-{seed}", seed=seed) for seed in range(4)]
+    main = devhub.add_repo(TINY_REPO, models[0])
+    tags = {}
+    for n, model in enumerate(models[1:], start=1):
+        tags[f"v{n}"] = devhub.add_commit(TINY_REPO, model, branch=f"b{n}")
+        devhub.create_tag(TINY_REPO, f"v{n}", tags[f"v{n}"])
+    cache = volume_for_two_models / "cache"
+
+    assert cache_in_process(cache, TINY_REPO, "main").ok
+    v1 = cache_in_process(cache, TINY_REPO, "v1")
+    assert v1.ok, v1.message
+    manage.mark_in_use(cache, TINY_REPO, tags["v1"], holder="server-on-v1")  # v1 is served
+    v2 = cache_in_process(cache, TINY_REPO, "v2")  # the third revision: main (unserved, oldest) makes room
+    assert v2.ok, v2.message
+    assert read_manifest(cache, TINY_REPO, main) is None
+    for tag in ("v1", "v2"):
+        manifest = read_manifest(cache, TINY_REPO, tags[tag])
+        assert manifest is not None and snapshot_matches(cache, manifest)
+
+    # Both cached commits served: nothing may go, so the next revision fails, and it says why.
+    manage.mark_in_use(cache, TINY_REPO, tags["v2"], holder="server-on-v2")
+    v3 = cache_in_process(cache, TINY_REPO, "v3")
+    assert not v3.ok and v3.reason == "InsufficientSpace" and v3.retryable is False
+    for tag in ("v1", "v2"):
+        manifest = read_manifest(cache, TINY_REPO, tags[tag])
+        assert manifest is not None and snapshot_matches(cache, manifest)

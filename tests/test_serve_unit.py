@@ -576,3 +576,36 @@ def test_skip_memory_check_starts_vllm_anyway(tmp_path: Path, monkeypatch: pytes
     assert (tmp_path / "fake-env.json").exists()
     status = json.loads(next((tmp_path / "cache" / "state").glob("serve-*.json")).read_text())
     assert status["memoryCheck"]["skipped"] is True and status["failure"]["reason"] == failures.KV_CACHE_TOO_SMALL
+
+
+# ------------------------------------------------------------------ secrets in the logged command line
+
+
+@pytest.mark.parametrize(
+    ("argv", "logged"),
+    [
+        (["--api-key", "sk-1"], ["--api-key", "***"]),
+        (["--api-key=sk-1"], ["--api-key=***"]),
+        (["--hf-token", "hf_x", "--port", "1"], ["--hf-token", "***", "--port", "1"]),
+        (["--ssl-keyfile-password=pw", "--secret_value", "s"], ["--ssl-keyfile-password=***", "--secret_value", "***"]),
+        (["--api-key", "-starts-with-dash"], ["--api-key", "***"]),
+        # names that merely contain the letters stay readable
+        (["--tokenizer", "/m", "--max-num-batched-tokens", "8", "--ssl-keyfile", "/k"],
+         ["--tokenizer", "/m", "--max-num-batched-tokens", "8", "--ssl-keyfile", "/k"]),
+    ],
+)
+def test_secret_flag_values_are_redacted_for_logs(argv: list[str], logged: list[str]) -> None:
+    assert serve.redact_argv(["python", "-m", "vllm", *argv]) == ["python", "-m", "vllm", *logged]
+
+
+def test_serve_never_logs_the_api_key(tmp_path: Path) -> None:
+    fill_cache_by_hand(tmp_path)
+    fixture = HERE / "fixtures" / "vllm_failures" / "kv_cache_too_small.log"
+    proc, _ = start_serve(
+        tmp_path, {"FAKE_VLLM_MODE": "fail", "FAKE_VLLM_FAILURE_LOG": str(fixture)},
+        "--api-key", "sk-spaced-secret", "--api-key=sk-equals-secret",
+    )
+    out, _ = proc.communicate(timeout=60)
+    assert "starting vLLM:" in out
+    assert "sk-spaced-secret" not in out and "sk-equals-secret" not in out
+    assert "--api-key '***'" in out and "'--api-key=***'" in out

@@ -78,12 +78,14 @@ def is_valid_revision(revision: str) -> bool:
     return revision_problem(revision) is None
 
 
-_REPO_PART_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+_REPO_PART_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
 
 
 def is_valid_repo_id(repo_id: str) -> bool:
     """huggingface_hub's ``validate_repo_id`` rules for ``org/name``: each part 1-96 of ``[A-Za-z0-9._-]``,
-    not starting or ending with ``-`` or ``.``, no ``--`` or ``..``, not ending with ``.git``."""
+    not starting or ending with ``-`` or ``.``, no ``--`` or ``..``, not ending with ``.git``.
+
+    Written out rather than imported so the operator's image needs no huggingface_hub for it."""
     org, slash, name = repo_id.partition("/")
     return (
         bool(slash)

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -66,6 +67,34 @@ OUTPUT_TAIL_LINES = 400  # kept for failure classification
 LEASE_RENEW_SECONDS = 120.0  # well inside the cache's lease TTL, so gc never evicts a served commit
 INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 SKIP_MEMORY_CHECK_ENV = "VLLM_RUNTIME_SKIP_MEMORY_CHECK"
+
+
+# A flag carries a secret when a word of its name is one of these (--api-key, --hf-token,
+# --ssl-keyfile-password); words, not substrings, so --tokenizer and --max-num-batched-tokens stay visible.
+SECRET_FLAG_WORDS = frozenset({"key", "keys", "apikey", "token", "secret", "secrets", "password", "passwd"})
+REDACTED = "***"
+
+
+def _is_secret_flag(name: str) -> bool:
+    return name.startswith("--") and bool(SECRET_FLAG_WORDS & set(re.split(r"[-_]", name[2:].lower())))
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` for logs: the value of every secret-looking flag replaced, as ``--flag X`` or ``--flag=X``."""
+    redacted: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:  # whatever follows a secret flag is its value, even if it looks like a flag
+            redacted.append(REDACTED)
+            hide_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if _is_secret_flag(name):
+            redacted.append(f"{name}={REDACTED}" if eq else arg)
+            hide_next = not eq
+            continue
+        redacted.append(arg)
+    return redacted
 
 
 class ServeError(Exception):
@@ -525,7 +554,7 @@ class Supervisor:
         return self.proc.pid if self.proc and self.proc.poll() is None else None
 
     def run(self) -> int:
-        log.info("starting vLLM: %s", " ".join(self.plan.argv))
+        log.info("starting vLLM: %s", shlex.join(redact_argv(self.plan.argv)))
         self.proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
             self.plan.argv,
             env=self.plan.env,

@@ -133,7 +133,8 @@ class Fault:
     kind: ``status`` (answer ``status``), ``rate_limit`` (429 with ``Retry-After: retry_after``),
     ``stall`` (send the headers and ``after_bytes`` of the body, then nothing for ``seconds``, then close),
     ``truncate`` (send ``after_bytes`` of the body, then close), ``corrupt`` (flip the byte at offset
-    ``after_bytes`` of the body; headers unchanged), ``delay`` (sleep ``seconds`` before answering).
+    ``after_bytes`` of the body; headers unchanged), ``delay`` (sleep ``seconds`` before answering),
+    ``body`` (answer 200 with ``body`` as ``content_type``: an HTML login page, truncated or wrong JSON).
     path: an fnmatch pattern against the decoded request path, e.g. ``*/resolve/*.safetensors``.
     times: how many matching requests it hits (None: all of them); ``hits`` counts them.
     """
@@ -146,9 +147,11 @@ class Fault:
     retry_after: float = 1
     after_bytes: int = 0
     seconds: float = 3600.0
+    body: bytes = b""
+    content_type: str = "application/json"
     hits: int = 0
 
-    KINDS = frozenset({"status", "rate_limit", "stall", "truncate", "corrupt", "delay"})
+    KINDS = frozenset({"status", "rate_limit", "stall", "truncate", "corrupt", "delay", "body"})
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
@@ -381,6 +384,9 @@ class _HubHandler(BaseHTTPRequestHandler):
                     raise HubError(fault.status, None, f"injected {fault.status}")
                 elif fault.kind == "rate_limit":
                     raise HubError(429, None, "injected rate limit", {"Retry-After": f"{fault.retry_after:g}"})
+                elif fault.kind == "body":
+                    self._send_body_bytes(fault.body, fault.content_type)
+                    return
             if raw_path == "/api/agent-harnesses":  # huggingface_hub's daily client-detection fetch
                 self._send_json({"standardEnvVars": [], "harnesses": {}})
             elif m := _API_RE.match(raw_path):
@@ -611,10 +617,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _send_json(self, data: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(data).encode()
-        self._start_response(
-            200, {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
-        )
+        self._send_body_bytes(json.dumps(data).encode(), "application/json", headers)
+
+    def _send_body_bytes(self, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self._start_response(200, {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})})
         if self.command != "HEAD":
             self.wfile.write(body)
             self._sent += len(body)
