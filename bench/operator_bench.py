@@ -1,4 +1,8 @@
-"""The operator against an emulated API server: per-model latency, a 1,000-model burst, resident memory.
+"""The operator against an emulated API server: latency, a burst, memory, API load, and create/delete cycles.
+
+    .venv/bin/python bench/operator_bench.py [tiny|full] [--baseline REF] [--scenarios load,cycles]
+        [--cycles N] [--cycle-batch N] [--resync-interval S] [--idle-window S] [--env VLLM_OPERATOR_X=V]
+        [--json bench/operator_results.json] [--markdown FILE]
 
 Set-up (two processes on the same machine, sharing its cores):
 
@@ -7,26 +11,39 @@ Set-up (two processes on the same machine, sharing its cores):
   Deployment controller that reports all replicas ready ~0.05 s after a spec change, a PVC binder), served
   over loopback HTTP. Lists honour ``labelSelector`` here, as a real API server does (kmock ignores it,
   which would make every reconcile list every model's Jobs and Pods: an emulator artefact, not the
-  operator's cost). Each write is time-stamped as the emulator answers it.
-- a child process: the real operator (``runner.operator_task``, kopf with the project's handlers and
-  settings, unchanged), logged at INFO to a file. Its resident memory is read from outside with psutil.
+  operator's cost). Each write is time-stamped as the emulator answers it, and every request the
+  operator makes is counted by verb and resource (``bench/operator_report.py`` says how).
+- a child process (``bench/operator_child.py``): the real operator (``runner.operator_task``, kopf with the
+  project's handlers and settings, unchanged), logged at INFO to a file, its knobs from ``VLLM_OPERATOR_*``
+  variables. Its resident memory and CPU time are read from outside with psutil.
 
-Figures:
+Scenarios, each on a fresh emulator and a fresh operator process:
 
-- ``first``: VLLMModel POST -> cache PVC and cache Job created and the first status written (what the
-  operator does before the cluster has anything to report);
-- ``ready``: VLLMModel POST -> Deployment and Service created and ``status.phase: Ready`` written; this
-  includes ~0.15 s of emulated cluster work (cache pod 0.1 s, rollout 0.05 s) and two more reconciles.
-- latency: models created one after another (each waits for the previous one to be Ready);
-- burst: N models POSTed at once (50 requests in flight), wall time until the last is Ready.
+- ``load``: a warm-up model; then ``latency``: models created one after another (each waits for the
+  previous one to be Ready): ``first`` = VLLMModel POST -> cache PVC, cache Job and first status written,
+  ``ready`` = POST -> Deployment, Service and ``status.phase: Ready`` written (includes ~0.15 s of emulated
+  cluster work); then ``burst``: N models POSTed at once (50 requests in flight), wall time until the last
+  is Ready; then an ``idle`` window as long as one resync interval plus 5 s, in which only the periodic
+  resync runs; RSS is read after it, with every model still there. API requests are reported per phase.
+- ``cycles``: models created ``--cycle-batch`` at a time, each batch waited for until Ready, then deleted;
+  RSS sampled every tenth of the run (at batch boundaries); first, last and max sample and the least-squares slope over the
+  samples after the first tenth (MB per 1,000 cycles). Deleted objects are purged from the emulator
+  between batches (``TimedEmulator.purge``) so the emulator's cost does not grow with the cycle count.
+
+``--baseline REF`` runs the same scenarios on the code at REF (a ``git worktree`` in a temporary folder,
+its ``operator/`` and ``runtime/`` first on the child's ``PYTHONPATH``) in the same invocation, alternating
+the order per scenario (load: baseline first; cycles: current first), and prints the two side by side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import itertools
+import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -34,7 +51,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +63,27 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 import kmock  # noqa: E402
 from kube_emulator import DEPLOYMENTS, JOBS, PVCS, SERVICES, VLLMMODELS, KubeEmulator  # noqa: E402
 
-LABEL_MODEL = "vllm-operator.io/model"
+from bench import machine, operator_report  # noqa: E402
+
+LABEL_MODEL = operator_report.LABEL_MODEL
 NAMESPACE = "bench"
 CHILD_KINDS = {PVCS: "pvc", JOBS: "job", DEPLOYMENTS: "deployment", SERVICES: "service"}
-SIZES = {"tiny": {"latency_models": 5, "burst_models": 20}, "full": {"latency_models": 200, "burst_models": 1000}}
+DRIVER_HEADER = "X-Bench-Driver"  # the bench's own requests: not counted as the operator's
+RESULTS_JSON = REPO / "bench" / "operator_results.json"
+SCENARIOS = ("load", "cycles")
+# resync_interval: VLLM_OPERATOR_RECONCILE_INTERVAL_SECONDS for both sides (30 s is the value shipped at
+# 992f9f6; set explicitly so the idle window holds one resync whatever a version's default is).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"latency_models": 5, "burst_models": 20, "cycles": 50, "cycle_batch": 10, "resync_interval": 2.0},
+    "full": {"latency_models": 200, "burst_models": 1000, "cycles": 10_000, "cycle_batch": 100,
+             "resync_interval": 30.0},
+}  # fmt: skip
 
 
 def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
@@ -75,7 +107,10 @@ def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
 
 @attrs.define(kw_only=True)
 class TimedEmulator(KubeEmulator):
-    """The project's emulator, plus write time-stamps per model and the look-ups a real API server indexes.
+    """The project's emulator, plus write time-stamps per model, request counts and indexed look-ups.
+
+    Every request is counted under a verb and resource (``operator_report.classify``) unless it carries
+    ``DRIVER_HEADER`` (the bench's own creates and deletes).
 
     kmock is built for tests, not load: it matches each request against its whole request history
     (quadratic in requests) and scans every object on every GET, LIST, create and update. Here the
@@ -85,6 +120,9 @@ class TimedEmulator(KubeEmulator):
     """
 
     marks: dict[str, dict[str, float]] = attrs.field(factory=dict)
+    requests: Counter[str] = attrs.field(factory=Counter)  # "VERB resource" -> count, the operator's only
+    errors: Counter[str] = attrs.field(factory=Counter)  # of those, answered >= 400 (or failed)
+    per_model_lists: int = 0
     waiters: dict[str, tuple[str, asyncio.Future[float]]] = attrs.field(factory=dict)
     _in_flight: dict[int, Any] = attrs.field(factory=dict, init=False)
     _by_model: dict[tuple[Any, Any, str], list[Any]] = attrs.field(factory=dict, init=False)
@@ -151,16 +189,67 @@ class TimedEmulator(KubeEmulator):
         return obj.raw
 
     async def _handle(self, request: kmock.Request) -> Any:
+        counted = self._count(request)
         self._in_flight[id(request)] = request
         if len(self._requests) > len(self._in_flight):  # keep only requests still being answered (watches included)
             self._requests[:] = [r for r in self._requests if id(r) in self._in_flight]
         try:
             response = await super()._handle(request)
+        except Exception:
+            if counted:
+                self.errors[counted] += 1
+            raise
         finally:
             self._in_flight.pop(id(request), None)
+        if counted and getattr(response, "status", 500) >= 400:
+            self.errors[counted] += 1
         if request.resource is not None and getattr(response, "status", 500) < 400:
             self._stamp(request)
         return response
+
+    def _count(self, request: kmock.Request) -> str | None:
+        """Count one request of the operator (not the bench's own, which carry DRIVER_HEADER)."""
+        if any(key.lower() == DRIVER_HEADER.lower() for key in request.headers):
+            return None
+        resource = request.resource
+        verb, name = operator_report.classify(
+            str(getattr(request.method, "value", request.method) or ""),
+            getattr(request.action, "value", None),
+            getattr(resource, "plural", None), getattr(resource, "group", None), request.subresource,
+            request.headers.get("Content-Type", "") or request.headers.get("content-type", ""),
+            str(request.params.get("watch", "")).lower() in ("true", "1"),
+        )  # fmt: skip
+        key = f"{verb} {name}"
+        self.requests[key] += 1
+        if operator_report.is_per_model_list(verb, request.params.get("labelSelector") or ""):
+            self.per_model_lists += 1
+        return key
+
+    def api_snapshot(self) -> tuple[dict[str, int], dict[str, int], int]:
+        return dict(self.requests), dict(self.errors), self.per_model_lists
+
+    def api_since(self, before: tuple[dict[str, int], dict[str, int], int], models: int) -> dict[str, Any]:
+        counts, errors, per_model_lists = self.api_snapshot()
+        return operator_report.load_summary(operator_report.diff(counts, before[0]),
+                                            operator_report.diff(errors, before[1]),
+                                            per_model_lists - before[2], models)  # fmt: skip
+
+    def purge(self, models: set[str]) -> int:
+        """Hard-delete soft-deleted objects and the Events of ``models``; the number removed.
+
+        A long create/delete run would otherwise keep every deleted object (kmock keeps their history),
+        and the emulator's garbage collector and owner check scan all of them on every write: the
+        emulator, not the operator, would slow down with the cycle count.
+        """
+        store = self._store()
+        gone = [key for key, obj in store.items() if obj.deleted or (
+            getattr(key[0], "plural", None) == "events"
+            and ((obj.raw.get("involvedObject") or obj.raw.get("regarding") or {}).get("name") in models))]  # fmt: skip
+        for key in gone:
+            del store[key]
+        self._by_model.clear()
+        self._indexed = 0
+        return len(gone)
 
     def _stamp(self, request: kmock.Request) -> None:
         if request.action not in (kmock.action.CREATE, kmock.action.UPDATE):
@@ -224,23 +313,77 @@ def model_body(name: str) -> dict[str, Any]:
     }
 
 
-class OperatorProcess:
-    """The operator in a child process; its RSS and CPU time from outside."""
+# --- the code under test: the current checkout or a worktree of another commit ---------------------------
 
-    def __init__(self, server_url: str, log_path: Path, tracemalloc: Path | None = None,
-                 reconcile_interval: float | None = None) -> None:  # fmt: skip
+
+def _git(*args: str, cwd: Path = REPO) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=120)  # noqa: S603,S607
+    return done.stdout.strip()
+
+
+@dataclass(frozen=True)
+class Side:
+    """One version of the operator: a label, the commit, and the source root its child imports from."""
+
+    label: str
+    ref: str
+    commit: str
+    root: Path
+    dirty: bool = False  # the checkout's operator/ or runtime/ has uncommitted changes
+
+    @property
+    def pythonpath(self) -> str:
+        return os.pathsep.join(str(self.root / part) for part in ("operator", "runtime"))
+
+    def describe(self) -> str:
+        return f"{self.label} ({self.commit[:8]}{' + uncommitted changes' if self.dirty else ''})"
+
+
+def current_side() -> Side:
+    dirty = bool(_git("status", "--porcelain", "--", "operator", "runtime"))
+    return Side("current", "HEAD", _git("rev-parse", "HEAD"), REPO, dirty)
+
+
+@contextlib.contextmanager
+def baseline_side(ref: str, parent: Path) -> Iterator[Side]:
+    """A detached ``git worktree`` of ``ref`` under ``parent``, removed afterwards."""
+    commit = _git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    path = parent / f"baseline-{commit[:12]}"
+    _git("worktree", "add", "--detach", str(path), commit)
+    try:
+        yield Side("baseline", ref, commit, path)
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            _git("worktree", "remove", "--force", str(path))
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class OperatorProcess:
+    """The operator in a child process, with ``side``'s code first on its path; its RSS and CPU from outside."""
+
+    def __init__(self, server_url: str, log_path: Path, side: Side, env: dict[str, str],
+                 tracemalloc: Path | None = None) -> None:  # fmt: skip
         self.log = log_path.open("w")
+        self.log_path = log_path
         self.tracemalloc = tracemalloc
         extra = ["--tracemalloc", str(tracemalloc)] if tracemalloc else []
         self.metrics_port = free_port()
-        if reconcile_interval is not None:
-            extra += ["--reconcile-interval", str(reconcile_interval)]
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_OPERATOR_")}
+        child_env.update(env)
+        child_env["VLLM_OPERATOR_METRICS_PORT"] = str(self.metrics_port)
+        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, (side.pythonpath, os.environ.get("PYTHONPATH"))))
         self.proc = subprocess.Popen(  # noqa: S603 - our own argv
-            [sys.executable, str(REPO / "bench" / "operator_child.py"), "--server", server_url,
-             "--metrics-port", str(self.metrics_port), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+            [sys.executable, str(REPO / "bench" / "operator_child.py"), "--server", server_url, *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=side.root, env=child_env,
         )  # fmt: skip
         self.ps = psutil.Process(self.proc.pid)
+
+    def imported_from(self) -> str | None:
+        with contextlib.suppress(OSError):
+            for line in self.log_path.read_text(errors="replace").splitlines()[:50]:
+                if operator_report.IMPORTED_FROM in line:
+                    return line.split(operator_report.IMPORTED_FROM, 1)[1].strip()
+        return None
 
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
@@ -267,13 +410,25 @@ class OperatorProcess:
         self.log.close()
 
 
+# --- driving the emulated cluster ----------------------------------------------------------------------
+
+
+MODELS_URL = f"/apis/vllm-operator.io/v1alpha1/namespaces/{NAMESPACE}/vllmmodels"
+DRIVER = {DRIVER_HEADER: "1"}
+
+
 async def _create(session: aiohttp.ClientSession, base: str, name: str) -> float:
     t0 = time.perf_counter()
-    url = f"{base}/apis/vllm-operator.io/v1alpha1/namespaces/{NAMESPACE}/vllmmodels"
-    async with session.post(url, json=model_body(name)) as resp:
+    async with session.post(base + MODELS_URL, json=model_body(name), headers=DRIVER) as resp:
         if resp.status >= 400:
             raise RuntimeError(f"creating {name}: HTTP {resp.status}: {(await resp.text())[:300]}")
     return t0
+
+
+async def _delete(session: aiohttp.ClientSession, base: str, name: str) -> None:
+    async with session.delete(f"{base}{MODELS_URL}/{name}", headers=DRIVER) as resp:
+        if resp.status >= 400 and resp.status != 404:
+            raise RuntimeError(f"deleting {name}: HTTP {resp.status}: {(await resp.text())[:300]}")
 
 
 async def _wait_operator_ready(session: aiohttp.ClientSession, base: str, emu: TimedEmulator,
@@ -286,9 +441,9 @@ async def _wait_operator_ready(session: aiohttp.ClientSession, base: str, emu: T
     deadline = time.monotonic() + timeout
     while not fut.done():
         if op.proc.poll() is not None:
-            raise RuntimeError(f"the operator exited with {op.proc.returncode}; see {op.log.name}")
+            raise RuntimeError(f"the operator exited with {op.proc.returncode}; see {op.log_path}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the operator did not reconcile a first model in {timeout:.0f} s; see {op.log.name}")
+            raise RuntimeError(f"the operator did not reconcile a first model in {timeout:.0f} s; see {op.log_path}")
         await asyncio.sleep(0.05)
 
 
@@ -314,11 +469,11 @@ async def _latency(session: aiohttp.ClientSession, base: str, emu: TimedEmulator
     }
 
 
-async def _burst(session: aiohttp.ClientSession, base: str, emu: TimedEmulator, count: int,
-                 timeout: float) -> dict[str, Any]:  # fmt: skip
+async def _create_all(session: aiohttp.ClientSession, base: str, emu: TimedEmulator,
+                      names: list[str]) -> tuple[list[float], dict[str, asyncio.Future[float]]]:  # fmt: skip
+    """POST ``names`` with 50 in flight; the POST times and a future per model that resolves when Ready."""
     loop = asyncio.get_running_loop()
-    names = [f"burst-{i:04d}" for i in range(count)]
-    futures = {}
+    futures: dict[str, asyncio.Future[float]] = {}
     for name in names:
         futures[name] = loop.create_future()
         emu.waiters[name] = ("ready", futures[name])
@@ -328,8 +483,14 @@ async def _burst(session: aiohttp.ClientSession, base: str, emu: TimedEmulator, 
         async with gate:
             return await _create(session, base, name)
 
+    return list(await asyncio.gather(*(create(n) for n in names))), futures
+
+
+async def _burst(session: aiohttp.ClientSession, base: str, emu: TimedEmulator, count: int,
+                 timeout: float) -> dict[str, Any]:  # fmt: skip
+    names = [f"burst-{i:04d}" for i in range(count)]
     started = time.perf_counter()
-    created = await asyncio.gather(*(create(n) for n in names))
+    created, futures = await _create_all(session, base, emu, names)
     posted = time.perf_counter() - started
     done, pending = await asyncio.wait(list(futures.values()), timeout=timeout)
     wall = max((f.result() for f in done), default=time.perf_counter()) - started
@@ -347,48 +508,88 @@ async def _burst(session: aiohttp.ClientSession, base: str, emu: TimedEmulator, 
 
 
 async def _reconcile_count(session: aiohttp.ClientSession, port: int) -> float:
-    """vllm_operator_reconcile_total summed over results, from the operator's own /metrics."""
+    """vllm_operator_reconcile_total summed over results, from the operator's own /metrics (nan if absent)."""
     try:
         async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
             text = await resp.text()
     except aiohttp.ClientError:
         return float("nan")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm_operator_reconcile_total{"))  # fmt: skip
+    found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith("vllm_operator_reconcile_total{")]  # fmt: skip
+    return sum(found) if found else float("nan")
 
 
-async def run_async(size: str, workdir: Path, tracemalloc: Path | None = None,
-                    reconcile_interval: float | None = None) -> dict[str, Any]:  # fmt: skip
-    sizes = SIZES[size]
-    log_path = workdir / "operator.log"
+@dataclass
+class Options:
+    """What to run, at which size; ``env`` goes to the operator child of both sides."""
+
+    size: str = "tiny"
+    latency_models: int = 5
+    burst_models: int = 20
+    cycles: int = 50
+    cycle_batch: int = 10
+    resync_interval: float | None = 2.0
+    idle_window: float | None = None  # None: resync_interval + 5 s
+    burst_timeout: float = 300.0
+    env: dict[str, str] = field(default_factory=dict)
+    tracemalloc: Path | None = None
+
+    @classmethod
+    def for_size(cls, size: str, **overrides: Any) -> Options:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(size=size, **{**SIZES[size], **given})
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(self.env)
+        if self.resync_interval is not None:
+            env.setdefault("VLLM_OPERATOR_RECONCILE_INTERVAL_SECONDS", f"{self.resync_interval:g}")
+        return env
+
+    def idle_seconds(self) -> float:
+        if self.idle_window is not None:
+            return self.idle_window
+        return (self.resync_interval if self.resync_interval is not None else 30.0) + 5.0
+
+
+@contextlib.asynccontextmanager
+async def _cluster_and_operator(side: Side, opts: Options, log_path: Path,
+                                tracemalloc: Path | None = None) -> Any:  # fmt: skip
     async with TimedEmulator() as emu, kmock.Server(emu) as server:
         base = str(server.url).rstrip("/")
-        parent = psutil.Process()
-        op = OperatorProcess(base, log_path, tracemalloc, reconcile_interval)
+        op = OperatorProcess(base, log_path, side, opts.child_env(), tracemalloc)
         try:
             async with aiohttp.ClientSession() as session:
                 await _wait_operator_ready(session, base, emu, op)
                 await emu.settle()
-                await asyncio.sleep(1.0)
-                rss_idle = op.rss()
-                cpu0, emu_cpu0 = op.cpu_seconds(), sum(parent.cpu_times()[:2])
-                latency = await _latency(session, base, emu, sizes["latency_models"])
-                cpu1, emu_cpu1 = op.cpu_seconds(), sum(parent.cpu_times()[:2])
-                burst = await _burst(session, base, emu, sizes["burst_models"], timeout=300.0)
-                cpu2, emu_cpu2 = op.cpu_seconds(), sum(parent.cpu_times()[:2])
-                await asyncio.sleep(2.0)  # let the last events drain before reading memory
-                total_models = 1 + sizes["latency_models"] + sizes["burst_models"]
-                rss_loaded, rss_peak = op.rss(), op.peak_rss()
-                reconciles = await _reconcile_count(session, op.metrics_port)
-                if tracemalloc:
-                    op.proc.send_signal(signal.SIGUSR1)
-                    await asyncio.sleep(5.0)
+                yield emu, op, session, base
         finally:
             op.stop()
+
+
+async def scenario_load(side: Side, opts: Options, workdir: Path) -> dict[str, Any]:
+    log_path = workdir / f"operator-{side.label}-load.log"
+    parent = psutil.Process()
+    async with _cluster_and_operator(side, opts, log_path, opts.tracemalloc) as (emu, op, session, base):
+        startup_api = emu.api_since(({}, {}, 0), 1)
+        await asyncio.sleep(1.0)
+        rss_idle = op.rss()
+        snap0, cpu0, emu_cpu0 = emu.api_snapshot(), op.cpu_seconds(), sum(parent.cpu_times()[:2])
+        latency = await _latency(session, base, emu, opts.latency_models)
+        snap1, cpu1, emu_cpu1 = emu.api_snapshot(), op.cpu_seconds(), sum(parent.cpu_times()[:2])
+        burst = await _burst(session, base, emu, opts.burst_models, timeout=opts.burst_timeout)
+        await asyncio.sleep(2.0)  # let the last events drain
+        snap2, cpu2, emu_cpu2 = emu.api_snapshot(), op.cpu_seconds(), sum(parent.cpu_times()[:2])
+        total_models = 1 + opts.latency_models + opts.burst_models
+        await asyncio.sleep(opts.idle_seconds())
+        idle_api = emu.api_since(snap2, total_models)
+        cpu3 = op.cpu_seconds()
+        rss_loaded, rss_peak = op.rss(), op.peak_rss()
+        reconciles = await _reconcile_count(session, op.metrics_port)
+        imported = op.imported_from()
+        if opts.tracemalloc:
+            op.proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(5.0)
     return {
-        "size": size,
-        "setup": "operator in a child process (kopf, project handlers, INFO log to a file); kmock emulator "
-                 "in the parent process; both on this machine's cores; loopback HTTP",  # fmt: skip
         "latency": latency,
         "burst": burst,
         "memory": {
@@ -398,36 +599,227 @@ async def run_async(size: str, workdir: Path, tracemalloc: Path | None = None,
             "rss_peak_mb": rss_peak / 2**20,
             "per_model_kb": (rss_loaded - rss_idle) / max(1, total_models) / 1024,
         },
-        "reconciles": {
-            "total": reconciles,
-            "per_model": reconciles / max(1, total_models),
-        },
+        "reconciles": {"total": reconciles, "per_model": reconciles / max(1, total_models)},
         "cpu": {
-            "operator_ms_per_model_latency": 1000 * (cpu1 - cpu0) / max(1, sizes["latency_models"]),
-            "emulator_ms_per_model_latency": 1000 * (emu_cpu1 - emu_cpu0) / max(1, sizes["latency_models"]),
-            "operator_ms_per_model_burst": 1000 * (cpu2 - cpu1) / max(1, sizes["burst_models"]),
-            "emulator_ms_per_model_burst": 1000 * (emu_cpu2 - emu_cpu1) / max(1, sizes["burst_models"]),
+            "operator_ms_per_model_latency": 1000 * (cpu1 - cpu0) / max(1, opts.latency_models),
+            "emulator_ms_per_model_latency": 1000 * (emu_cpu1 - emu_cpu0) / max(1, opts.latency_models),
+            "operator_ms_per_model_burst": 1000 * (cpu2 - cpu1) / max(1, opts.burst_models),
+            "emulator_ms_per_model_burst": 1000 * (emu_cpu2 - emu_cpu1) / max(1, opts.burst_models),
+            "operator_ms_idle_window": 1000 * (cpu3 - cpu2),
         },
+        "api": {
+            "startup": startup_api,
+            "latency": _api_between(snap0, snap1, opts.latency_models),
+            "burst": _api_between(snap1, snap2, opts.burst_models),
+            "idle": idle_api,
+            "idle_window_s": opts.idle_seconds(),
+            "resync_interval_s": opts.resync_interval,
+        },
+        "imported_from": imported,
         "log": str(log_path),
     }
 
 
+def _api_between(a: tuple[dict[str, int], dict[str, int], int],
+                 b: tuple[dict[str, int], dict[str, int], int], models: int) -> dict[str, Any]:  # fmt: skip
+    return operator_report.load_summary(operator_report.diff(b[0], a[0]), operator_report.diff(b[1], a[1]),
+                                        b[2] - a[2], models)  # fmt: skip
+
+
+async def scenario_cycles(side: Side, opts: Options, workdir: Path) -> dict[str, Any]:
+    log_path = workdir / f"operator-{side.label}-cycles.log"
+    sample_every = max(opts.cycle_batch, opts.cycles // 10)  # samples fall on batch boundaries
+    async with _cluster_and_operator(side, opts, log_path) as (emu, op, session, base):
+        await asyncio.sleep(1.0)
+        samples: list[tuple[int, float]] = [(0, op.rss() / 2**20)]
+        snap0, cpu0, started = emu.api_snapshot(), op.cpu_seconds(), time.perf_counter()
+        done = not_ready = purged = 0
+        next_sample = sample_every
+        while done < opts.cycles:
+            names = [f"cyc-{done + i:05d}" for i in range(min(opts.cycle_batch, opts.cycles - done))]
+            _, futures = await _create_all(session, base, emu, names)
+            _, pending = await asyncio.wait(list(futures.values()), timeout=120.0)
+            not_ready += len(pending)
+            gate = asyncio.Semaphore(50)
+
+            async def delete(name: str) -> None:
+                async with gate:
+                    await _delete(session, base, name)
+
+            await asyncio.gather(*(delete(n) for n in names))
+            await emu.settle()
+            for name in names:
+                emu.marks.pop(name, None)
+                emu.waiters.pop(name, None)
+            purged += emu.purge(set(names))
+            done += len(names)
+            if done >= next_sample or done == opts.cycles:
+                samples.append((done, op.rss() / 2**20))
+                while next_sample <= done:
+                    next_sample += sample_every
+            if op.proc.poll() is not None:
+                raise RuntimeError(f"the operator exited with {op.proc.returncode}; see {log_path}")
+        seconds = time.perf_counter() - started
+        cpu = op.cpu_seconds() - cpu0
+        api = emu.api_since(snap0, opts.cycles)
+        peak = op.peak_rss() / 2**20
+    fitted = [s for s in samples if s[0] >= sample_every] or samples
+    rss = [y for _, y in samples]
+    return {
+        "cycles": opts.cycles,
+        "batch": opts.cycle_batch,
+        "seconds": seconds,
+        "cycles_per_s": opts.cycles / seconds if seconds else float("nan"),
+        "not_ready": not_ready,
+        "rss_samples_mb": operator_report.compact(samples),
+        "rss_first_mb": rss[0],
+        "rss_last_mb": rss[-1],
+        "rss_max_mb": max(rss),
+        "rss_peak_mb": peak,
+        "slope_mb_per_1000": operator_report.slope_per(fitted, 1000),
+        "slope_fitted_from_cycle": fitted[0][0],
+        "operator_cpu_ms_per_cycle": 1000 * cpu / max(1, opts.cycles),
+        "emulator_objects_purged": purged,
+        "api": api,
+        "log": str(log_path),
+    }
+
+
+RUNNERS = {"load": scenario_load, "cycles": scenario_cycles}
+
+
+async def run_sides(sides: list[Side], opts: Options, scenarios: list[str], workdir: Path) -> dict[str, Any]:
+    """Each scenario for every side, the order alternating per scenario; results by side label."""
+    results: dict[str, dict[str, Any]] = {side.label: {} for side in sides}
+    order: list[str] = []
+    timings: dict[str, float] = {}
+    for i, name in enumerate(scenarios):
+        for side in sides if i % 2 == 0 else list(reversed(sides)):
+            order.append(f"{name}:{side.label}")
+            print(f"   operator bench: {name} on {side.describe()} ...", file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            results[side.label][name] = await RUNNERS[name](side, opts, workdir)
+            timings[f"{name}:{side.label}"] = time.monotonic() - t0
+            print(f"   operator bench: {name} on {side.label}: {timings[f'{name}:{side.label}']:.0f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return {"results": results, "order": order, "seconds": timings}
+
+
 def run(size: str = "tiny", workdir: Path | None = None, tracemalloc: Path | None = None,
-        reconcile_interval: float | None = None) -> dict[str, Any]:  # fmt: skip
+        reconcile_interval: float | None = None, *, baseline: str | None = None,
+        scenarios: Iterable[str] = SCENARIOS, **overrides: Any) -> dict[str, Any]:  # fmt: skip
+    """Run the scenarios on the current checkout (and on ``baseline``'s code); a JSON-able report.
+
+    The current side's scenario results are at the top level (``latency``, ``burst``, ``memory``,
+    ``reconciles``, ``cpu``, ``api``, ``cycles``), the baseline's under ``baseline``; ``markdown`` holds the
+    side-by-side tables.
+    """
+    opts = Options.for_size(size, resync_interval=reconcile_interval, tracemalloc=tracemalloc, **overrides)
+    chosen = [s for s in SCENARIOS if s in set(scenarios)]
+    began = time.monotonic()
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-operator-")))
-        return asyncio.run(run_async(size, workdir, tracemalloc, reconcile_interval))
+        workdir.mkdir(parents=True, exist_ok=True)
+        sides = [current_side()]
+        if baseline:
+            sides.insert(0, stack.enter_context(baseline_side(baseline, workdir)))
+        ran = asyncio.run(run_sides(sides, opts, chosen, workdir))
+    by_label = ran["results"]
+    flat = {label: _flatten(by_label[label]) for label in by_label}
+    ordered = [flat[s.label] for s in sides]
+    report: dict[str, Any] = {
+        "size": size,
+        "setup": "operator in a child process (kopf, project handlers, INFO log to a file); kmock emulator "
+                 "in the parent process; both on this machine's cores; loopback HTTP",  # fmt: skip
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()},
+        "scenarios": chosen,
+        **flat["current"],
+        "sides": {s.label: {"ref": s.ref, "commit": s.commit, "dirty": s.dirty,
+                            "imported_from": flat[s.label].get("imported_from")} for s in sides},  # fmt: skip
+        "order": ran["order"],
+        "scenario_seconds": ran["seconds"],
+        "seconds": time.monotonic() - began,
+        "markdown": operator_report.markdown([_nested(r) for r in ordered], [s.describe() for s in sides]),
+    }
+    if baseline:
+        report["baseline"] = flat["baseline"]
+    return report
 
 
-if __name__ == "__main__":
+def _flatten(by_scenario: dict[str, Any]) -> dict[str, Any]:
+    """``load``'s keys at the top (the shape bench/run.py and older readers know), ``cycles`` under its name."""
+    out = dict(by_scenario.get("load") or {})
+    if "cycles" in by_scenario:
+        out["cycles"] = by_scenario["cycles"]
+    return out
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    return {"load": {k: v for k, v in flat.items() if k != "cycles"} if "latency" in flat else None,
+            "cycles": flat.get("cycles")}  # fmt: skip
+
+
+def with_facts(report: dict[str, Any], workdir: Path | None = None) -> dict[str, Any]:
+    """The report plus machine facts, package versions, the time and the command's commits."""
+    return {
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine.facts(workdir),
+        "versions": machine.versions(),
+        "load_average": list(os.getloadavg()),
+        **report,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(description="the operator benchmark alone (bench/run.py runs it too)")
     parser.add_argument("size", nargs="?", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--baseline", metavar="REF", help="also run the code at this git ref, side by side")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    parser.add_argument("--latency-models", type=int, help="models created one at a time")
+    parser.add_argument("--burst-models", type=int, help="models created at once")
+    parser.add_argument("--cycles", type=int, help="create/delete cycles (full: 10,000)")
+    parser.add_argument("--cycle-batch", type=int, help="models created, then deleted, at a time")
+    parser.add_argument("--resync-interval", type=float,
+                        help="VLLM_OPERATOR_RECONCILE_INTERVAL_SECONDS for both sides (s)")  # fmt: skip
+    parser.add_argument("--idle-window", type=float, help="seconds idle after the burst (default resync + 5)")
+    parser.add_argument("--env", action="append", default=[], metavar="VLLM_OPERATOR_X=V",
+                        help="another operator variable for both sides (repeatable)")  # fmt: skip
     parser.add_argument("--tracemalloc", type=Path, help="diagnostics: the operator's top allocations go here")
-    parser.add_argument("--reconcile-interval", type=float, help="override the operator's periodic resync (s)")
-    args = parser.parse_args()
-    print(json.dumps(run(args.size, Path(tempfile.mkdtemp()), args.tracemalloc, args.reconcile_interval), indent=1))
-    os._exit(0)
+    parser.add_argument("--workdir", type=Path, help="logs and the baseline worktree (default: temporary)")
+    parser.add_argument("--json", type=Path, default=RESULTS_JSON, help="write the report here ('-': nowhere)")
+    parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    args = parser.parse_args(argv)
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"--scenarios: unknown {unknown}; choose from {', '.join(SCENARIOS)}")
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("VLLM_OPERATOR_"):
+            parser.error(f"--env {item!r}: expected VLLM_OPERATOR_NAME=VALUE")
+        env[key] = value
+    report = with_facts(run(
+        args.size, args.workdir, args.tracemalloc, args.resync_interval, baseline=args.baseline,
+        scenarios=scenarios, latency_models=args.latency_models, burst_models=args.burst_models,
+        cycles=args.cycles, cycle_batch=args.cycle_batch, idle_window=args.idle_window, env=env or None,
+    ), args.workdir)  # fmt: skip
+    print(report["markdown"])
+    print(f"\n{report['size']} size, {report['seconds']:.0f} s; per scenario: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in report["scenario_seconds"].items()))  # fmt: skip
+    if str(args.json) != "-":
+        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        print(f"wrote {args.json}")
+    if args.markdown:
+        args.markdown.write_text(report["markdown"] + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # kopf/aiohttp leftovers in threads must not delay the exit

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -82,32 +83,83 @@ def _num(value: float, unit: str) -> str:
 # --- the benchmarks -------------------------------------------------------------------------------------
 
 
-def bench_operator(size: str, workdir: Path) -> tuple[list[Figure], dict[str, Any]]:
-    r = operator_bench.run(size, workdir)
-    lat, burst, mem, cpu = r["latency"], r["burst"], r["memory"], r["cpu"]
+def _baseline_value(r: dict[str, Any], path: str) -> Any:
+    """A figure of the operator report's baseline side (``"latency/ready_p99_ms"``), None without one."""
+    node: Any = r.get("baseline")
+    for part in path.split("/"):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _before(r: dict[str, Any], path: str, fmt: str = "{:.1f}") -> str:
+    """'before (COMMIT): value' from the baseline side, or '' without one."""
+    value = _baseline_value(r, path)
+    return "" if value is None else f"before ({r['sides']['baseline']['commit'][:8]}): " + fmt.format(value)
+
+
+def _vs_before(r: dict[str, Any], path: str, value: float) -> float | None:
+    before = _baseline_value(r, path)
+    return value / before if isinstance(before, int | float) and before and math.isfinite(before) else None
+
+
+def _joined(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def bench_operator(size: str, workdir: Path, baseline: str | None = None) -> tuple[list[Figure], dict[str, Any]]:
+    """``bench/operator_bench.py``: the current code, and ``baseline``'s side by side when given."""
+    r = operator_bench.with_facts(operator_bench.run(size, workdir, baseline=baseline), workdir)
+    # The committed bench/operator_results.json holds a full run; a tiny run's report stays in the workdir.
+    out = operator_bench.RESULTS_JSON if size == "full" else workdir / operator_bench.RESULTS_JSON.name
+    out.write_text(json.dumps(r, indent=1, default=str) + "\n")
+    lat, burst, mem, cpu, api, cyc = r["latency"], r["burst"], r["memory"], r["cpu"], r["api"], r["cycles"]
     n, b = lat["models"], burst["models"]
+
+    def fig(measure: str, path: str, value: float, unit: str, *, note: str = "", fmt: str = "{:.1f}",
+            goal: str = "", met: bool | None = None, ratio: float | None = None) -> Figure:
+        before = _before(r, path, fmt)
+        return Figure("operator", measure, value, unit, baseline=_joined(before, note),
+                      ratio=_vs_before(r, path, value) if before else ratio, goal=goal, met=met)
+
+    full = b >= 1000
     figs = [
-        Figure("operator", f"create -> PVC + Job + status, p50 ({n} models, one at a time)",
-               lat["first_p50_ms"], "ms"),
-        Figure("operator", f"create -> PVC + Job + status, p99 ({n} models)", lat["first_p99_ms"], "ms",
-               goal="p99 < 250 ms", met=lat["first_p99_ms"] < 250),
-        Figure("operator", f"create -> all children + phase Ready, p50 ({n} models; incl. ~150 ms emulated "
-               "cache pod + rollout)", lat["ready_p50_ms"], "ms"),
-        Figure("operator", f"create -> all children + phase Ready, p99 ({n} models)", lat["ready_p99_ms"], "ms",
-               baseline="emulated cluster work ~150 ms of it", goal="p99 < 250 ms", met=lat["ready_p99_ms"] < 250),
-        Figure("operator", f"{b} models created at once -> all Ready (wall)", burst["wall_s"], "s",
-               baseline=f"{burst['reconciled']}/{b} reconciled", goal="1,000 within 60 s" if b >= 1000 else "",
-               met=(burst["wall_s"] < 60 and burst["reconciled"] == b) if b >= 1000 else None),
-        Figure("operator", f"operator RSS at {mem['models']} models (child process, psutil)", mem["rss_loaded_mb"],
-               "MB", baseline=f"idle {mem['rss_idle_mb']:.0f} MB, peak {mem['rss_peak_mb']:.0f} MB",
-               ratio=mem["rss_loaded_mb"] / mem["rss_idle_mb"], goal="< 200 MB" if b >= 1000 else "",
-               met=mem["rss_loaded_mb"] < 200 if b >= 1000 else None),
-        Figure("operator", "reconciles per model (operator's vllm_operator_reconcile_total / models)",
-               r["reconciles"]["per_model"], "reconciles",
-               baseline=f"{r['reconciles']['total']:.0f} in all"),
-        Figure("operator", "CPU per model in the burst: operator vs emulator (ms)",
-               cpu["operator_ms_per_model_burst"], "ms", baseline=f"emulator {cpu['emulator_ms_per_model_burst']:.0f} ms",
-               ratio=cpu["operator_ms_per_model_burst"] / max(cpu["emulator_ms_per_model_burst"], 1e-9)),
+        fig(f"create -> PVC + Job + status, p50 ({n} models, one at a time)", "latency/first_p50_ms",
+            lat["first_p50_ms"], "ms"),
+        fig(f"create -> PVC + Job + status, p99 ({n} models)", "latency/first_p99_ms", lat["first_p99_ms"], "ms",
+            goal="p99 < 250 ms", met=lat["first_p99_ms"] < 250),
+        fig(f"create -> all children + phase Ready, p50 ({n} models; incl. ~150 ms emulated cache pod + rollout)",
+            "latency/ready_p50_ms", lat["ready_p50_ms"], "ms"),
+        fig(f"create -> all children + phase Ready, p99 ({n} models)", "latency/ready_p99_ms", lat["ready_p99_ms"],
+            "ms", note="emulated cluster work ~150 ms of it", goal="p99 < 250 ms", met=lat["ready_p99_ms"] < 250),
+        fig(f"{b} models created at once -> all Ready (wall)", "burst/wall_s", burst["wall_s"], "s",
+            fmt="{:.2f} s", note=f"{burst['reconciled']}/{b} Ready", goal="1,000 within 60 s" if full else "",
+            met=(burst["wall_s"] < 60 and burst["reconciled"] == b) if full else None),
+        fig(f"operator RSS at {mem['models']} models (child process, psutil)", "memory/rss_loaded_mb",
+            mem["rss_loaded_mb"], "MB", fmt="{:.0f} MB",
+            note=f"idle {mem['rss_idle_mb']:.0f} MB, peak {mem['rss_peak_mb']:.0f} MB",
+            ratio=mem["rss_loaded_mb"] / mem["rss_idle_mb"], goal="< 200 MB" if full else "",
+            met=mem["rss_loaded_mb"] < 200 if full else None),
+        fig("reconciles per model (operator's vllm_operator_reconcile_total / models)", "reconciles/per_model",
+            r["reconciles"]["per_model"], "reconciles", note=f"{r['reconciles']['total']:.0f} in all"),
+        fig("operator CPU per model, one at a time (psutil, child process)", "cpu/operator_ms_per_model_latency",
+            cpu["operator_ms_per_model_latency"], "ms"),
+        fig("operator CPU per model in the burst", "cpu/operator_ms_per_model_burst",
+            cpu["operator_ms_per_model_burst"], "ms", note=f"emulator {cpu['emulator_ms_per_model_burst']:.0f} ms"),
+        fig("API requests per model in the burst (all verbs)", "api/burst/total_per_model",
+            api["burst"]["total_per_model"], "requests", fmt="{:.2f}",
+            note=", ".join(f"{k} {v:.2f}" for k, v in api["burst"]["per_model"].items())),
+        fig("API reads beyond the watches per model in the burst (GET + LIST)",
+            "api/burst/reads_beyond_watches_per_model", api["burst"]["reads_beyond_watches_per_model"], "requests",
+            fmt="{:.2f}", goal="<= 3", met=api["burst"]["reads_beyond_watches_per_model"] <= 3),
+        fig(f"per-model LISTs in {api['idle_window_s']:.0f} s idle (resync every {api['resync_interval_s']:g} s) "
+            f"at {mem['models']} models",
+            "api/idle/per_model_lists", api["idle"]["per_model_lists"], "count", fmt="{:.0f}",
+            note=f"LISTs {api['idle']['lists']}, all requests {api['idle']['total']}",
+            goal="0", met=api["idle"]["per_model_lists"] == 0),
+        fig(f"operator RSS over {cyc['cycles']:,} create/delete cycles, max sample", "cycles/rss_max_mb",
+            cyc["rss_max_mb"], "MB", fmt="{:.0f} MB",
+            note=f"first {cyc['rss_first_mb']:.0f} MB, last {cyc['rss_last_mb']:.0f} MB, slope "
+                 f"{cyc['slope_mb_per_1000']:.1f} MB per 1,000 cycles, {cyc['cycles_per_s']:.1f} cycles/s"),
     ]  # fmt: skip
     return figs, r
 
@@ -229,7 +281,8 @@ def table_lines(figures: list[Figure]) -> list[str]:
 
 
 def render(size: str, figures: list[Figure], facts: dict[str, str], versions: dict[str, str],
-           notes: dict[str, str], scaling_md: str | None, seconds: float) -> str:  # fmt: skip
+           notes: dict[str, str], scaling_md: str | None, seconds: float,
+           operator_md: str | None = None) -> str:  # fmt: skip
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Benchmarks",
@@ -259,7 +312,15 @@ def render(size: str, figures: list[Figure], facts: dict[str, str], versions: di
         "does; answers are unchanged. Times are from the VLLMModel POST to the emulator answering the write. "
         "Latency: models created one after another; burst: all POSTed at once (50 in flight). Memory: the "
         "operator process' RSS read with psutil from outside (VmHWM for the peak). The operator runs "
-        "cluster-wide: with a namespace list kopf lists `/api/v1/namespaces`, which kmock cannot parse.",
+        "cluster-wide: with a namespace list kopf lists `/api/v1/namespaces`, which kmock cannot parse. "
+        "API load: every request the operator makes is counted by verb and resource (GET of one object, LIST, "
+        "WATCH, POST, PATCH apply, PATCH status, DELETE, Event POST/PATCH; `bench/operator_report.py`); "
+        "'reads beyond the watches' are GET + LIST; the idle window after the burst lasts one periodic resync "
+        "(`VLLM_OPERATOR_RECONCILE_INTERVAL_SECONDS` set for the run) plus 5 s. Create/delete cycles: models "
+        "created in batches of 100 (tiny: 10), each batch waited for until Ready and then deleted, on a fresh "
+        "operator; RSS sampled every tenth of the run, slope by least squares from the first tenth on. With "
+        "`--operator-baseline REF` the same scenarios run on REF's code (a git worktree on the child's "
+        "PYTHONPATH) in the same run, the order alternating per scenario.",
         "- **cache cold**: `bench/cache_bench.py` (the cache helper's race): a generated sharded model on the "
         "loopback Hub (`vllm_runtime.devhub`, page cache warm on the server side); `vllm-runtime cache` "
         "(download + sha256 of every file + manifest) and `snapshot_download` of the same files, each in a "
@@ -281,6 +342,10 @@ def render(size: str, figures: list[Figure], facts: dict[str, str], versions: di
     ]
     if notes:
         lines += ["## Notes", "", *[f"- {k}: {v}" for k, v in notes.items()], ""]
+    if operator_md:
+        lines += ["## Operator, side by side (this run)", "",
+                  "From `bench/operator_bench.py` in this run (also in `bench/operator_results.json` at "
+                  "`--size full`); the column headers name each side's commit.", "", operator_md, ""]  # fmt: skip
     findings = REPO / "bench" / "findings.md"
     if findings.exists():  # hand-written reading of a dated run and its diagnostics
         lines += [findings.read_text().rstrip(), ""]
@@ -312,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md", help="markdown report ('-': none)")
     parser.add_argument("--json", type=Path, help="also write all raw results as JSON here")
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a new temporary one)")
+    parser.add_argument("--operator-baseline", metavar="REF",
+                        help="the operator benchmark also runs the code at this git ref, side by side (before/after)")  # fmt: skip
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(only) - set(BENCHMARKS))
@@ -323,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     runners: dict[str, Callable[[str, Path], tuple[list[Figure], dict[str, Any]]]] = {
-        "operator": bench_operator, "cache": bench_cache, "startup": bench_startup,
+        "operator": functools.partial(bench_operator, baseline=args.operator_baseline),
+        "cache": bench_cache, "startup": bench_startup,
     }  # fmt: skip
     results: dict[str, Any] = {"_figures": {}}
     figures: list[Figure] = []
@@ -358,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(f'{x:.2f}' for x in load_before)} / {' '.join(f'{x:.2f}' for x in load_after)} "
         "(other work on this shared machine shows up here)"
     )
-    report = render(args.size, figures, facts, versions, notes, scaling_md, seconds)
+    operator_md = (results.get("operator") or {}).get("markdown")
+    report = render(args.size, figures, facts, versions, notes, scaling_md, seconds, operator_md)
     print()
     print("\n".join(table_lines(figures)))
     if scaling_md:

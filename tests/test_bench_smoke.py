@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import scaling_model  # noqa: E402
 
-UNITS = {"ms", "s", "MB", "B", "B/s", "count", "reconciles"}
+UNITS = {"ms", "s", "MB", "B", "B/s", "count", "reconciles", "requests"}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,32 @@ def test_operator_figures_cover_latency_burst_and_memory(tiny_run: tuple[dict, s
     assert op["latency"]["first_p50_ms"] <= op["latency"]["ready_p50_ms"]  # Ready comes after the first pass
     assert 10 < op["memory"]["rss_loaded_mb"] < 4096
     assert op["reconciles"]["per_model"] >= 1  # read from the operator's own /metrics
+
+
+def test_operator_api_load_is_counted_per_phase(tiny_run: tuple[dict, str]) -> None:
+    api = tiny_run[0]["operator"]["api"]
+    # kopf opens its watches at start-up, and every model gets its four children applied in the burst.
+    assert api["startup"]["by_verb"]["WATCH"] >= 5
+    burst = api["burst"]
+    assert burst["models"] == tiny_run[0]["operator"]["burst"]["models"]
+    for child in ("persistentvolumeclaims", "jobs.batch", "deployments.apps", "services"):
+        assert burst["requests"][f"PATCH apply {child}"] >= burst["models"], child
+    assert burst["by_verb"]["PATCH status"] >= burst["models"]
+    assert sum(burst["by_verb"].values()) == burst["total"]
+    assert burst["reads_beyond_watches"] == burst["by_verb"].get("GET", 0) + burst["by_verb"].get("LIST", 0)
+    # The bench's own POSTs of VLLMModels are not the operator's load.
+    assert not any(key.startswith("POST vllmmodels") for key in burst["requests"])
+
+
+def test_operator_create_delete_cycles_sample_memory(tiny_run: tuple[dict, str]) -> None:
+    cycles = tiny_run[0]["operator"]["cycles"]
+    assert cycles["cycles"] == 50 and cycles["not_ready"] == 0
+    samples = cycles["rss_samples_mb"]
+    assert [s[0] for s in samples] == list(range(0, 51, 10))  # at the start, then every tenth (batch of 10)
+    assert cycles["rss_max_mb"] == pytest.approx(max(s[1] for s in samples), abs=0.1)  # samples: 0.1 MB
+    assert math.isfinite(cycles["slope_mb_per_1000"])
+    assert cycles["api"]["requests"]["PATCH apply jobs.batch"] >= 50  # every cycle's model was reconciled
+    assert "## Operator, side by side" in tiny_run[1]
 
 
 def test_warm_cache_check_reads_metadata_only(tiny_run: tuple[dict, str]) -> None:
