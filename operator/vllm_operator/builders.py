@@ -418,13 +418,17 @@ def service_for(model: VLLMModel, config: Config) -> dict[str, Any]:
     }
 
 
-def children_for(model: VLLMModel, config: Config, commit: str, *, claim_uid: str | None = None) -> list[dict[str, Any]]:
+def children_for(
+    model: VLLMModel, config: Config, commit: str, *, claim_uid: str | None = None, served: bool = False
+) -> list[dict[str, Any]]:
     """Every child, in creation order: cache PVC (if any), cache Job, Deployment, Service.
 
     What ``render`` prints; the plan calls the same builders one at a time, as each child's turn comes.
-    ``claim_uid``: the cache PVC's uid, known only in a cluster.
+    ``claim_uid``: the cache PVC's uid, known only in a cluster. ``served``: the Deployment serves
+    ``commit`` already, so the finished cache Job carries its ``ttlSecondsAfterFinished``.
     """
-    children = [cache_pvc_for(model, config), cache_job_for(model, config, claim_uid=claim_uid)]
+    ttl = config.cache_job_ttl_seconds if served else None
+    children = [cache_pvc_for(model, config), cache_job_for(model, config, claim_uid=claim_uid, ttl_seconds=ttl)]
     children += [deployment_for(model, config, commit, claim_uid=claim_uid), service_for(model, config)]
     return [child for child in children if child is not None]
 

@@ -91,19 +91,21 @@ def render_model(
     namespace: str = "default",
     commit: str | None = None,
     claim_uid: str | None = None,
+    served: bool = False,
 ) -> list[Rendered]:
     """The children of one VLLMModel body, in creation order, with comments: the objects the operator
     applies (``builders.children_for``), ownerReferences and annotations included.
 
-    ``commit`` and ``claim_uid`` are what only a cluster knows (the commit the cache Job resolves a
-    branch to, the cache PVC's uid); without them the commit is a marked placeholder (or the 40-hex
-    ``spec.revision``) and the claim-uid annotation is left out.
+    ``commit``, ``claim_uid`` and ``served`` are what only a cluster knows (the commit the cache Job
+    resolves a branch to, the cache PVC's uid, whether that commit is deployed yet); without them the
+    commit is a marked placeholder (or the 40-hex ``spec.revision``), the claim-uid annotation is left
+    out, and the cache Job is shown as first created (no ``ttlSecondsAfterFinished``).
     """
     model = VLLMModel.from_body(body, default_namespace=namespace)
     commit = commit or commit_for(model)
     where = f"VLLMModel {model.namespace}/{model.name}"
     out: list[Rendered] = []
-    for obj in builders.children_for(model, config, commit, claim_uid=claim_uid):
+    for obj in builders.children_for(model, config, commit, claim_uid=claim_uid, served=served):
         kind = obj["kind"]
         comment = f"{where}: {kind} {obj['metadata']['name']}"
         if kind == "Deployment" and commit == placeholder_commit(model.revision):
