@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -405,7 +405,3 @@ def first_value(samples: dict[str, list[tuple[dict[str, str], float]]], name: st
         if all(sample_labels.get(k) == v for k, v in labels.items()):
             return value
     return None
-
-
-def iter_gpu_rows(nvml: Nvml | None = None) -> Iterable[GpuMemory]:
-    return (nvml or _default_nvml).devices() or []

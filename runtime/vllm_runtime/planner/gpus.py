@@ -56,11 +56,3 @@ def gpu_type(name: str) -> GpuType:
 def parse_memory(text: str | int) -> int:
     """Parse a memory size: '80GiB', '80Gi' (Kubernetes), '80GB', '81559MiB', or bytes."""
     return parse_size(text)
-
-
-def smallest_gpu_with(memory_bytes: int) -> GpuType | None:
-    """The smallest known GPU with at least ``memory_bytes`` of total memory."""
-    for gpu in sorted(GPU_TYPES.values(), key=lambda g: g.memory_bytes):
-        if gpu.memory_bytes >= memory_bytes:
-            return gpu
-    return None
