@@ -49,37 +49,125 @@ OWNED_FLAGS: frozenset[str] = frozenset(
 # vLLM's short aliases of owned flags (``-q awq``, ``-tp 2``); refused in ``spec.extraArgs`` like the long forms.
 OWNED_SHORT_FLAGS: dict[str, str] = {"-q": "--quantization", "-tp": "--tensor-parallel-size"}
 
+# vLLM's parser is argparse with ``allow_abbrev``: it takes any unambiguous prefix of a long flag
+# (``--max-model-le``), underscores for dashes, ``--no-<flag>`` for booleans (BooleanOptionalAction), and
+# a value glued to a short flag (``-qfp8``). These full vLLM flags are prefixes of an owned flag but are
+# not abbreviations of it: argparse prefers an exact match.
+NOT_ABBREVIATIONS: frozenset[str] = frozenset({"--tokenizer"})
+
 # Settings that change compiled graphs; only identical values may share a compile cache.
 COMPILE_KEY_FIELDS = ("quantization", "dtype", "tensorParallelSize", "kvCacheDtype", "maxModelLen", "enforceEager")
 
 
+class OwnedFlagError(ValueError):
+    """``spec.extraArgs`` reaches a flag the operator or the runtime sets (in any spelling vLLM accepts)."""
+
+    def __init__(self, found: Sequence[tuple[str, str]]) -> None:
+        self.field = "spec.extraArgs"
+        self.found = tuple(found)  # (argument as given, the owned flag it reaches)
+        by_flag = {flag: field for field, flag in {**VALUE_FLAGS, **BOOL_FLAGS}.items()}
+        hints = []
+        for arg, flag in self.found:
+            spelled = flag if _flag_name(arg) == flag else f"{arg!r} = {flag}"
+            field = by_flag.get(flag)
+            hints.append(f"{spelled} (use spec.{field})" if field else f"{spelled} (set by the operator)")
+        self.message = "may not contain flags the operator owns, in any spelling vLLM accepts: " + ", ".join(hints)
+        super().__init__(f"{self.field} {self.message}")
+
+
 def _flag_name(arg: str) -> str:
-    """``--max-model-len=4096`` -> ``--max-model-len``; vLLM also accepts underscores."""
-    return arg.split("=", 1)[0].replace("_", "-")
+    """``--max_model_len=4096`` -> ``--max-model-len``: vLLM reads underscores in long flags as dashes."""
+    name = arg.split("=", 1)[0]
+    return name.replace("_", "-") if name.startswith("--") else name
+
+
+def _owned_long_names() -> dict[str, str]:
+    """Every long spelling vLLM parses as an owned flag, without abbreviation -> the owned flag."""
+    names = {flag: flag for flag in OWNED_FLAGS}
+    names.update({"--no-" + flag[2:]: flag for flag in BOOL_FLAGS.values()})
+    return names
+
+
+def owned_flag_of(arg: str) -> str | None:
+    """The owned flag that vLLM's parser would take ``arg`` for, or None.
+
+    ``--max-model-le=1``, ``--max_model_len``, ``--no-enforce-eager``, ``-qfp8``, ``-tp=2`` and ``-t``
+    all reach an owned flag. A prefix of several flags is refused too (vLLM refuses it as ambiguous).
+    """
+    if arg.startswith("--"):
+        name = _flag_name(arg)
+        if name == "--" or name in NOT_ABBREVIATIONS:
+            return None
+        reached = sorted(owned for spelled, owned in _owned_long_names().items() if spelled.startswith(name))
+        return _owned_long_names().get(name) or (reached[0] if reached else None)
+    if arg.startswith("-"):
+        name = arg.split("=", 1)[0]
+        for short, owned in OWNED_SHORT_FLAGS.items():
+            glued = arg.startswith(short)  # -qfp8, -tp=2, -tp2
+            abbreviated = len(name) >= 2 and short.startswith(name)  # -t for -tp
+            if glued or abbreviated:
+                return owned
+    return None
 
 
 def owned_flags_in(extra_args: Sequence[str]) -> list[str]:
-    """The flags in ``extra_args`` that the operator owns (empty when none); short aliases as their long form."""
-    owned = []
-    for arg in extra_args:
-        if arg.startswith("--") and _flag_name(arg) in OWNED_FLAGS:
-            owned.append(_flag_name(arg))
-        elif not arg.startswith("--") and arg.split("=", 1)[0] in OWNED_SHORT_FLAGS:
-            owned.append(OWNED_SHORT_FLAGS[arg.split("=", 1)[0]])
-    return owned
+    """The owned flags that ``extra_args`` reach, in any spelling (empty when none), as their long form."""
+    return [owned for owned in map(owned_flag_of, extra_args) if owned is not None]
+
+
+def disguised_owned_flags_in(args: Sequence[str]) -> list[str]:
+    """Arguments that reach an owned flag in a spelling ``vllm_flags`` never writes (an abbreviation, a
+    short form, underscores, ``--no-``): ``vllm-runtime serve`` refuses them, since only ``spec.extraArgs``
+    can have put them there."""
+    return [arg for arg in args if owned_flag_of(arg) is not None and _flag_name(arg) not in OWNED_FLAGS]
 
 
 def check_extra_args(extra_args: Sequence[str]) -> None:
-    """Raise ValueError naming ``spec.extraArgs`` and the field to use instead, if an owned flag is present."""
-    bad = owned_flags_in(extra_args)
-    if not bad:
-        return
-    by_flag = {flag: field for field, flag in {**VALUE_FLAGS, **BOOL_FLAGS}.items()}
-    hints = []
-    for flag in bad:
-        field = by_flag.get(flag)
-        hints.append(f"{flag} (use spec.{field})" if field else f"{flag} (set by the operator)")
-    raise ValueError("spec.extraArgs may not contain flags the operator owns: " + ", ".join(hints))
+    """Raise :class:`OwnedFlagError` (naming ``spec.extraArgs`` and the field to use instead) when an
+    argument reaches an owned flag. The CRD's rule (:func:`cel_owned_flag_rule`) refuses the same."""
+    found = [(arg, owned) for arg in extra_args if (owned := owned_flag_of(arg)) is not None]
+    if found:
+        raise OwnedFlagError(found)
+
+
+def cel_owned_flag_rule() -> str:
+    """The CEL rule on each ``spec.extraArgs`` item that refuses what :func:`owned_flag_of` refuses.
+
+    The CRD carries this text (tests/test_crd.py checks it is current). Portable CEL has no substring
+    functions, so prefixes are one RE2 pattern: a trie of the owned names where each further character
+    is optional, dashes also written as underscores, followed by ``=`` or the end.
+    """
+    long_names = sorted({name[2:] for name in _owned_long_names()})
+    exceptions = sorted(name[2:] for name in NOT_ABBREVIATIONS)
+    shorts = sorted(short[1:] for short in OWNED_SHORT_FLAGS)
+    short_alternatives = list(shorts)
+    short_alternatives += [f"{short[:n]}(?:=|$)" for short in shorts for n in range(1, len(short))]
+    return (
+        f"!(self.matches('^--{_prefix_pattern(long_names)}(?:=|$)')"
+        f" && !self.matches('^--(?:{'|'.join(_dashes(e) for e in exceptions)})(?:=|$)'))"
+        f" && !self.matches('^-(?:{'|'.join(short_alternatives)})')"
+    )
+
+
+def _dashes(text: str) -> str:
+    return text.replace("-", "[-_]")
+
+
+def _prefix_pattern(words: Sequence[str]) -> str:
+    """An RE2 group matching every non-empty prefix of ``words``."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+
+    def optional_rest(node: dict[str, Any]) -> str:
+        if not node:
+            return ""
+        alternatives = [_dashes(char) + optional_rest(child) for char, child in sorted(node.items())]
+        return "(?:" + "|".join(alternatives) + ")?"
+
+    return optional_rest(trie)[:-1]  # the first character is not optional
 
 
 def vllm_flags(spec: Mapping[str, Any]) -> list[str]:
