@@ -557,3 +557,244 @@ def test_an_operator_restart_does_not_hold_a_serving_model_while_it_plans_again(
     changed = model(status={"plan": known}, maxModelLen=4096, **GPU)
     assert plan_reconcile(changed, observed(changed, pvc=None, memory=PLANNING), CONFIG).actions == []
     assert plan_reconcile(changed, observed(changed, pvc=None, memory=PLANNING), CONFIG).status["phase"] == "Pending"
+
+
+# --- a finished Job is judged with its pod's termination message -------------------------------------
+
+
+def finished_without_message(m: VLLMModel, phase: str, finished: datetime.datetime = NOW) -> Any:
+    """The Job says Complete/Failed, its pod's status (with the termination message) has not arrived yet."""
+    j, pods = job(m, phase, finished=finished)
+    pods[0]["status"]["containerStatuses"][0]["state"] = {"running": {}}
+    return j, pods
+
+
+def reconcile_in_order(m: VLLMModel, states: list[Observed]) -> list[Plan]:
+    """Plan each observed state in turn, the status of each feeding the next (as the engine writes it)."""
+    plans, status = [], dict(m.status)
+    for obs in states:
+        current = model(status=status, **{k: v for k, v in m.spec.items() if k in ("revision", "hfTokenSecretRef")})
+        plans.append(plan_reconcile(current, obs, CONFIG))
+        status = plans[-1].status
+    return plans
+
+
+@pytest.mark.parametrize(
+    ("phase", "message", "reason"),
+    [("failed", failed("GatedRepo"), "GatedRepo"), ("succeeded", ok(NEW), None)],
+    ids=["failed", "succeeded"],
+)
+def test_a_finished_job_waits_for_its_pods_message_in_either_event_order(
+    phase: str, message: dict[str, Any], reason: str | None
+) -> None:
+    m = model()
+    running_with_message = job(m, "running", message)  # the pod's message first, then the Job's condition
+    finished_first = finished_without_message(m, phase)  # the Job's condition first, then the pod's message
+    final = job(m, phase, message)
+    pod_first = reconcile_in_order(m, [observed(m, jobs=[running_with_message]), observed(m, jobs=[final])])
+    job_first = reconcile_in_order(m, [observed(m, jobs=[finished_first]), observed(m, jobs=[final])])
+    waiting = job_first[0]
+    assert waiting.status["phase"] == "Caching" and condition(waiting.status, "Failed")["status"] == "False"
+    assert transition_events(m, {}, waiting.status) == [], "no Warning that a later read would contradict"
+    assert waiting.requeue_after == RESULT_WAIT.total_seconds(), "look again when the wait is over"
+    assert pod_first[0].status["phase"] == "Caching", "a running Job may still retry: not judged yet"
+    assert pod_first[-1].status == job_first[-1].status, "the same final status in both orders"
+    assert pod_first[-1].actions == job_first[-1].actions
+    final_failed = condition(job_first[-1].status, "Failed")
+    assert final_failed["reason"] == (reason or "NoFailure")
+    warnings = [e.reason for p in job_first for e in transition_events(m, {}, p.status) if e.type == "Warning"]
+    assert warnings == ([reason] if reason else [])
+
+
+@pytest.mark.parametrize(
+    ("phase", "revision", "reason", "commit"),
+    [
+        ("failed", "main", "PodFailurePolicy", None),  # the Job's own reason, after the wait
+        ("succeeded", "main", "CacheSummaryMissing", None),
+        ("succeeded", OLD, None, OLD),  # a 40-hex revision needs no summary to be known
+    ],
+)
+def test_after_the_bounded_wait_a_finished_job_is_judged_alone(
+    phase: str, revision: str, reason: str | None, commit: str | None
+) -> None:
+    m = model(revision=revision)
+    within = plan_reconcile(m, observed(m, jobs=[finished_without_message(m, phase, NOW - RESULT_WAIT / 2)]), CONFIG)
+    assert within.status["phase"] == "Caching" and condition(within.status, "Failed")["status"] == "False"
+    assert within.requeue_after == pytest.approx((RESULT_WAIT / 2).total_seconds())
+    late = finished_without_message(m, phase, NOW - RESULT_WAIT - datetime.timedelta(seconds=1))
+    after = plan_reconcile(m, observed(m, jobs=[late]), CONFIG)
+    assert condition(after.status, "Failed")["reason"] == (reason or "NoFailure")
+    assert after.status.get("resolvedRevision") == commit
+
+
+def test_a_terminated_pod_without_a_summary_is_judged_at_once() -> None:
+    """The message is visible (the container terminated) but holds no summary, e.g. OOMKilled: no wait."""
+    m = model()
+    j, pods = job(m, "failed")
+    pods[0]["status"]["containerStatuses"][0]["state"] = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    plan = plan_reconcile(m, observed(m, jobs=[(j, pods)]), CONFIG)
+    assert condition(plan.status, "Failed")["reason"] == "PodFailurePolicy"
+
+
+@pytest.mark.parametrize("bad", ["release", "A" * 40, "a" * 39, "a" * 40 + "\n", "", None, 1234])
+def test_a_resolved_commit_that_is_not_40_hex_is_never_deployed(bad: Any) -> None:
+    m = model()
+    summary = {**ok(NEW), "commit": bad}
+    plan = plan_reconcile(m, observed(m, jobs=[job(m, "succeeded", summary)]), CONFIG)
+    assert not [a for a in plan.actions if isinstance(a, Apply) and a.obj["kind"] == "Deployment"]
+    cond = condition(plan.status, "Failed")
+    assert cond["reason"] == "InvalidCommit" and "not a 40-hex commit" in cond["message"]
+    assert "resolvedRevision" not in plan.status and plan.status["phase"] == "Failed"
+    later = job(m, "succeeded", summary, finished=NOW - RETRY_FAILED_CACHE_AFTER * 2)
+    assert plan_reconcile(m, observed(m, jobs=[later]), CONFIG).actions == [], "permanent: not re-run"
+
+
+# --- stuck cache pods ---------------------------------------------------------------------------------
+
+
+def stuck(m: VLLMModel, *, stale: bool = False, waiting_reason: str | None = None,
+          unschedulable_since: datetime.datetime | None = None) -> Any:  # fmt: skip
+    j, pods = job(m, "running", stale=stale)
+    cs = pods[0]["status"]["containerStatuses"][0]
+    if waiting_reason:
+        cs["state"] = {"waiting": {"reason": waiting_reason, "message": 'secret "hf" not found'}}
+    if unschedulable_since is not None:
+        del pods[0]["status"]["containerStatuses"]
+        pods[0]["status"]["conditions"] = [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient memory.",
+            "lastTransitionTime": st.now_iso(unschedulable_since)}]  # fmt: skip
+    return j, pods
+
+
+LONG_AGO = NOW - datetime.timedelta(minutes=10)
+
+
+@pytest.mark.parametrize(
+    ("kw", "reason", "fix"),
+    [
+        ({"waiting_reason": "ImagePullBackOff"}, "ImagePullFailed", "spec.image"),
+        ({"waiting_reason": "ErrImagePull"}, "ImagePullFailed", "spec.imagePullSecrets"),
+        ({"waiting_reason": "CreateContainerConfigError"}, "CreateContainerConfigError", "spec.hfTokenSecretRef"),
+        ({"unschedulable_since": LONG_AGO}, "Unschedulable", "spec.nodeSelector"),
+    ],
+)
+def test_a_cache_job_whose_pod_cannot_start_is_failed_and_replaced_once_the_spec_changes(
+    kw: dict[str, Any], reason: str, fix: str
+) -> None:
+    m = model(hfTokenSecretRef={"name": "hf"})
+    plan = plan_reconcile(m, observed(m, jobs=[stuck(m, **kw)]), CONFIG)
+    cond = condition(plan.status, "Failed")
+    assert (cond["status"], cond["reason"]) == ("True", reason) and fix in cond["message"]
+    assert plan.actions == [], "the same spec would get stuck again: the Job is left to the kubelet's retries"
+    assert [e.type for e in transition_events(m, {}, plan.status)] == ["Warning"]
+    fixed = plan_reconcile(m, observed(m, jobs=[stuck(m, stale=True, **kw)]), CONFIG)
+    assert fixed.actions == [Delete(kube.JOBS, "ns", builders.cache_job_name(m),
+                                    "the spec changed since its pod got stuck")]  # fmt: skip
+    # Once deleted, the next reconcile creates the Job of the fixed spec.
+    assert kinds(plan_reconcile(m, observed(m), CONFIG).actions) == ["Apply:Job"]
+
+
+def test_an_unschedulable_cache_pod_gets_a_grace_period() -> None:
+    m = model()
+    since = NOW - datetime.timedelta(seconds=30)
+    plan = plan_reconcile(m, observed(m, jobs=[stuck(m, unschedulable_since=since)]), CONFIG)
+    assert condition(plan.status, "Failed")["status"] == "False", "an autoscaler may be adding a node"
+    assert plan.requeue_after == pytest.approx(90.0), "looked at again when the grace ends"
+
+
+def test_time_based_rules_ask_to_look_again() -> None:
+    m = model()
+    assert plan_reconcile(m, observed(m, jobs=[job(m, "running")]), CONFIG).requeue_after is None
+    pending = plan_reconcile(m, observed(m, pvc=pvc("Pending", created=NOW - datetime.timedelta(minutes=1)),
+                                         jobs=[job(m, "running")]), CONFIG)  # fmt: skip
+    assert pending.requeue_after == pytest.approx(120.0), "PVC bind grace"
+    recent = job(m, "failed", failed("HubUnavailable"), finished=NOW - datetime.timedelta(minutes=1))
+    retry = plan_reconcile(m, observed(m, jobs=[recent]), CONFIG)
+    assert retry.requeue_after == pytest.approx(240.0), "the retry of a transient failure"
+    permanent = plan_reconcile(m, observed(m, jobs=[job(m, "failed", failed("GatedRepo"))]), CONFIG)
+    assert permanent.requeue_after is None, "nothing changes with time alone"
+
+
+# --- finished and unwanted cache Jobs -----------------------------------------------------------------
+
+
+def test_a_served_job_gets_a_ttl_once_the_status_records_it() -> None:
+    m = model()
+    obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(m, NEW), service=service(m))
+    first = plan_reconcile(m, obs, CONFIG)
+    assert first.actions == [], "the status does not record the cache yet: the Job is still needed"
+    recorded = model(status=first.status)
+    plan = plan_reconcile(recorded, obs, CONFIG)
+    assert kinds(plan.actions) == ["Apply:Job"]
+    applied = plan.actions[0]
+    assert isinstance(applied, Apply) and not applied.created
+    assert applied.obj["spec"]["ttlSecondsAfterFinished"] == CONFIG.cache_job_ttl_seconds
+    assert applied.obj["metadata"]["annotations"] == obs.jobs[applied.obj["metadata"]["name"]]["metadata"]["annotations"]
+    assert plan.status == plan_reconcile(recorded, obs, CONFIG).status
+    with_ttl = job(m, "succeeded", ok(NEW))
+    with_ttl[0]["spec"]["ttlSecondsAfterFinished"] = 3600
+    assert plan_reconcile(recorded, observed(m, jobs=[with_ttl], deployment=deployment(m, NEW),
+                                             service=service(m)), CONFIG).actions == []  # fmt: skip
+    # Once the TTL controller has deleted it, nothing is re-run: the Deployment carries the commit.
+    gone = plan_reconcile(recorded, observed(m, deployment=deployment(m, NEW), service=service(m)), CONFIG)
+    assert gone.actions == [] and gone.status == plan.status
+
+
+def test_pinning_the_branch_to_its_served_commit_restarts_nothing() -> None:
+    on_main = model()
+    pinned = model(revision=NEW, generation=2)
+    obs = observed(pinned, jobs=[job(on_main, "succeeded", ok(NEW))], deployment=deployment(on_main, NEW),
+                   service=service(on_main))  # fmt: skip
+    plan = plan_reconcile(pinned, obs, CONFIG)
+    assert kinds(plan.actions) == ["Delete:Job", "Apply:Deployment"], "no new cache Job: the commit is cached"
+    applied = plan.actions[1]
+    assert isinstance(applied, Apply)
+    assert applied.obj["spec"]["template"] == obs.deployment["spec"]["template"], "no pod is replaced"  # type: ignore[index]
+    assert applied.obj["metadata"]["annotations"][builders.ANNOTATION_REVISION] == NEW
+    assert plan.events == [] and plan.status["resolvedRevision"] == NEW
+
+
+# --- the image allowlist ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image", "prefixes", "allowed"),
+    [
+        ("anything:1", (), True),
+        ("ghcr.io/vllm-model-operator/runtime:0.2", ("ghcr.io/vllm-model-operator/",), True),
+        ("ghcr.io/vllm-model-operator/runtime:0.2", ("ghcr.io/vllm-model-operator",), True),
+        ("ghcr.io/vllm-model-operator.evil/x:1", ("ghcr.io/vllm-model-operator/",), False),
+        ("ghcr.io/vllm-model-operator.evil/x:1", ("ghcr.io/vllm-model-operator",), False),
+        ("ghcr.io/vllm-model-operatorx/x", ("ghcr.io/vllm-model-operator",), False),
+        ("ghcr.io/org/runtime:1", ("ghcr.io/org/runtime",), True),
+        ("ghcr.io/org/runtime@sha256:" + "0" * 64, ("ghcr.io/org/runtime",), True),
+        ("ghcr.io/org/runtime-evil:1", ("ghcr.io/org/runtime",), False),
+        ("reg.local/x", ("reg.local",), True),
+        ("reg.local:5000/x", ("reg.local",), False),  # another endpoint of the host
+        ("reg.local.evil/x", ("reg.local",), False),
+        ("docker.io/library/nginx", ("ghcr.io/a/", "docker.io/library/"), True),
+        ("nginx", ("docker.io/library/",), False),  # matched as written, never normalised
+    ],
+)
+def test_image_allowlist_matches_at_a_path_boundary(image: str, prefixes: tuple[str, ...], allowed: bool) -> None:
+    from vllm_operator.plan.image_policy import image_allowed
+
+    assert image_allowed(image, prefixes) is allowed
+
+
+def test_an_image_outside_the_allowlist_creates_nothing() -> None:
+    config = Config(allowed_image_registries=("ghcr.io/vllm-model-operator/",))
+    m = model(image="ghcr.io/vllm-model-operator.evil/runtime:1")
+    plan = plan_reconcile(m, observed(m, pvc=None), config)
+    assert plan.actions == [] and plan.events == []
+    cond = condition(plan.status, "Failed")
+    assert cond["reason"] == "ImageNotAllowed" and plan.status["phase"] == "Failed"
+    assert "ghcr.io/vllm-model-operator.evil/runtime:1" in cond["message"]
+    assert "ghcr.io/vllm-model-operator/" in cond["message"]
+    assert [(e.type, e.reason) for e in transition_events(m, {}, plan.status)] == [("Warning", "ImageNotAllowed")]
+    assert condition(plan.status, "Cached")["reason"] == "ImageNotAllowed"
+    # With the claim there and a finished Job, still nothing is applied.
+    assert plan_reconcile(m, observed(m, jobs=[job(m, "succeeded", ok(NEW))]), config).actions == []
+    allowed = model(image="ghcr.io/vllm-model-operator/runtime:1")
+    assert kinds(plan_reconcile(allowed, observed(allowed), config).actions) == ["Apply:Job"]

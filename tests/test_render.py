@@ -78,7 +78,8 @@ def test_branch_gets_a_marked_placeholder_and_a_commit_is_used_as_is(capsys: pyt
 
 
 def test_owner_references_only_with_a_uid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    body = {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": "m", "namespace": "team", "uid": "abc"},
+    body: dict[str, Any] = {"apiVersion": crd.API_VERSION, "kind": crd.KIND,
+                            "metadata": {"name": "m", "namespace": "team", "uid": "abc"},
             "spec": {"model": "org/name"}}  # fmt: skip
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(body))
     _, out, _ = run_cli(capsys, "render", "-f", str(tmp_path / "m.yaml"))
@@ -177,3 +178,79 @@ def test_console_script_renders_the_examples() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\nkind: Deployment\n") == len(list(EXAMPLES.glob("*.yaml")))
+
+
+# --- render is what the operator applies ---------------------------------------------------------------
+
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+
+
+def example_body(path: Path) -> dict[str, Any]:
+    (body,) = [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == crd.KIND]
+    body["metadata"]["uid"] = "model-uid"  # as `kubectl get -o yaml` gives it
+    return dict(body)
+
+
+def planned_children(body: dict[str, Any], config: Config, commit: str) -> tuple[list[dict[str, Any]], str | None]:
+    """Every child the plan applies for ``body``, stepping through a first deployment: the PVC, then
+    (the PVC bound) the cache Job, then (the Job done, ``commit`` cached) the Deployment and Service."""
+    import datetime
+    import json
+
+    from vllm_operator.memory import NO_GPU, OPERATOR, from_summary, plan_digest
+    from vllm_operator.plan import Apply, Observed, plan_reconcile
+
+    now = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)
+    model = VLLMModel.from_body(body)
+    memory = NO_GPU
+    if model.spec.get("gpu"):
+        memory = from_summary({"fits": True, "reason": "fits", "inputsDigest": plan_digest(model)}, OPERATOR)
+        body["status"] = {"plan": memory.plan}  # what render reads from a live object
+    applied: list[dict[str, Any]] = []
+
+    def step(**observed: Any) -> None:
+        plan = plan_reconcile(model, Observed(now=now, memory=memory, **observed), config)
+        applied.extend(a.obj for a in plan.actions if isinstance(a, Apply))
+
+    pvc: dict[str, Any] | None = None
+    if model.owns_cache_pvc:
+        step()
+        pvc = {**applied[-1], "status": {"phase": "Bound"}}
+        pvc["metadata"] = {**pvc["metadata"], "uid": "pvc-uid"}
+    elif model.existing_claim:
+        pvc = {"metadata": {"name": model.existing_claim, "uid": "pvc-uid"}, "status": {"phase": "Bound"}}
+    step(pvc=pvc)
+    job = dict(applied[-1])
+    job["status"] = {"succeeded": 1, "completionTime": "2026-12-01T00:00:00Z",
+                     "conditions": [{"type": "Complete", "status": "True"}]}  # fmt: skip
+    summary = {"ok": True, "command": "cache", "commit": commit, "bytes": 1, "files": 1, "verified": True}
+    pod = {"metadata": {"name": "p", "labels": {"job-name": job["metadata"]["name"]}},
+           "status": {"containerStatuses": [{"name": "cache", "state": {"terminated": {
+               "exitCode": 0, "message": json.dumps(summary)}}}]}}  # fmt: skip
+    step(pvc=pvc, jobs={job["metadata"]["name"]: job}, pods=[pod])
+    return applied, "pvc-uid" if pvc is not None else None
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
+def test_render_prints_exactly_what_the_plan_applies(path: Path) -> None:
+    body = example_body(path)
+    revision = str((body.get("spec") or {}).get("revision") or "main")
+    commit = revision if len(revision) == 40 else COMMIT
+    config = Config()
+    applied, claim_uid = planned_children(body, config, commit)
+    rendered = [r.obj for r in render.render_model(body, config, commit=commit, claim_uid=claim_uid)]
+    assert [o["kind"] for o in applied] == [o["kind"] for o in rendered]
+    for plan_obj, render_obj in zip(applied, rendered, strict=True):
+        assert plan_obj == render_obj, f"{path.name}: {plan_obj['kind']} differs"
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
+def test_every_container_of_every_example_has_a_read_only_root(path: Path) -> None:
+    pods = [r.obj["spec"]["template"]["spec"] for r in render.render_model(example_body(path), Config())
+            if r.obj["kind"] in ("Deployment", "Job")]  # fmt: skip
+    assert len(pods) == 2
+    for pod in pods:
+        containers = pod.get("initContainers", []) + pod["containers"]
+        assert containers
+        for c in containers:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, f"{path.name}: {c['name']}"
