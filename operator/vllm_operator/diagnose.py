@@ -136,7 +136,8 @@ def container_config_failure(pod: Mapping[str, Any], cs: Mapping[str, Any]) -> s
 def unschedulable(pod: Mapping[str, Any]) -> tuple[datetime.datetime | None, str] | None:
     """(since when, scheduler message) while the pod's PodScheduled condition is False/Unschedulable."""
     for cond in (pod.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+        scheduled = (cond.get("type"), cond.get("status"), cond.get("reason"))
+        if scheduled == ("PodScheduled", "False", "Unschedulable"):
             return st.parse_time(cond.get("lastTransitionTime")), str(cond.get("message") or "no detail")
     return None
 

@@ -109,7 +109,9 @@ def _succeeded(
     return JobOutcome(name, job, SUCCEEDED, commit=commit, summary=result, finished_at=finished)
 
 
-def _failed(model: VLLMModel, name: str, job: JSON, result: JSON | None, finished: datetime.datetime | None) -> JobOutcome:
+def _failed(
+    model: VLLMModel, name: str, job: JSON, result: JSON | None, finished: datetime.datetime | None
+) -> JobOutcome:
     if result is not None and not result.get("ok"):
         return JobOutcome(name, job, FAILED, summary=result, failure=cache_failure(model, result),
                           finished_at=finished, retryable=_retryable(result))  # fmt: skip
