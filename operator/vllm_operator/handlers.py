@@ -5,7 +5,9 @@
   indexes from its watches before any other handler runs and drops an object's entry when it is
   deleted, so the reconcile reads its children from memory and nothing stays behind a deleted model.
 - ``@kopf.on.event`` for VLLMModels and for each child kind queues the model on the Reconciler's work
-  queue (``reconcile.py`` says why one queue, not kopf's per-handler retries). The handlers never
+  queue (``reconcile.py`` says why one queue, not kopf's per-handler retries); a child's event that is
+  exactly the operator's own apply coming back queues nothing. The model's own status echo does queue
+  it: the plan reads the status (cache summary, plan), so one more look follows each status write. The handlers never
   fail, so kopf never retries them and never writes its progress annotations onto the model.
 - Periodic resync: after each reconcile the model is queued again in ``reconcile_interval_seconds``
   (one timer per model, dropped with it); it reads nothing from the API.
@@ -145,7 +147,7 @@ def register(
             **_: Any,
         ) -> None:
             key = (namespace or "default", labels[builders.LABEL_MODEL])
-            reconciler.saw(child, key, body, deleted=type == "DELETED")
-            reconciler.queue.add(key)
+            if not reconciler.saw(child, key, body, deleted=type == "DELETED"):
+                reconciler.queue.add(key)  # an own apply's exact echo: the reconcile that wrote it saw it all
 
     return reconciler

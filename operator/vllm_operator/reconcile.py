@@ -155,26 +155,28 @@ class Reconciler:
                 by_name[name] = body
         return by_name
 
-    def saw(self, resource: kube.Resource, key: Key, body: Mapping[str, Any], *, deleted: bool = False) -> None:
-        """A watch event of one of ``key``'s objects: the expectation it meets is met.
+    def saw(self, resource: kube.Resource, key: Key, body: Mapping[str, Any], *, deleted: bool = False) -> bool:
+        """A watch event of one of ``key``'s objects: the expectation it meets is met. True when the event
+        is exactly the operator's own write coming back (same resourceVersion): nothing new to react to.
 
         Events of one object arrive in order on its kind's watch, so an event at or after the version
         the operator wrote (or the object's DELETED event) means the index has caught up with that write.
         """
         expected = self._expected.get(key)
         if expected is None:
-            return
+            return False
         child = (resource.plural, str(metadata_of(body).get("name")))
         own = expected.written.get(child)
         if own is None:
-            return
+            return False
+        seen, mine = _version(body), _version(own)
         if own is _DELETED:
             met = deleted
         else:
-            seen, mine = _version(body), _version(own)
             met = deleted or seen is None or mine is None or seen >= mine
         if met:
             del expected.written[child]
+        return met and not deleted and own is not _DELETED and seen is not None and seen == mine
 
     def model_body(self, key: Key) -> JSON | None:
         indexed = self.state.model(key)
