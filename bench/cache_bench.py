@@ -7,8 +7,11 @@ interpreter start-up and imports count for both), against the same server and th
 - ``vllm-runtime cache`` (``python -m vllm_runtime.cache``) into an empty cache: cold (download + sha256
   verification + manifest); then again on branch ``main`` (warm: one revision request) and on the commit
   (warm: no request at all);
-- ``huggingface_hub.snapshot_download`` of the same files (``allow_patterns`` = the manifest's list) into
+- ``huggingface_hub.snapshot_download`` of the same files (``allow_patterns`` = the model's files) into
   another empty cache: cold, then warm on ``main`` (it lists the tree and HEADs nothing once cached).
+
+Each round runs both tools, ``vllm-runtime cache`` first in even rounds and ``snapshot_download`` first in
+odd ones, and reports its own ratio of cold times (every round, never only the best).
 
 Both use 8 parallel file downloads (huggingface_hub's default). The Hub's files are hashed once at start,
 which also puts them in the page cache, so the server side reads from memory for both tools.
@@ -102,27 +105,44 @@ def main() -> int:
             scratch.mkdir(parents=True)
             env = _env(hub, scratch / "hf-home")
             ours_cache, plain_cache = scratch / "ours", scratch / "plain"
-            cold = _ours(ours_cache, "main", env)
-            warm_branch = _ours(ours_cache, "main", env)
-            warm_commit = _ours(ours_cache, commit, env)
+            patterns = [str(p.relative_to(model_dir)) for p in sorted(model_dir.iterdir()) if p.is_file()]
+
+            def run_ours() -> dict[str, Any]:
+                cold = _ours(ours_cache, "main", env)
+                return {"cold": cold, "warm_branch": _ours(ours_cache, "main", env),
+                        "warm_commit": _ours(ours_cache, commit, env)}  # fmt: skip
+
+            def run_plain() -> dict[str, Any]:
+                hub.clear_log()
+                cold = _plain(plain_cache, "main", patterns, env)
+                warm = _plain(plain_cache, "main", patterns, env)
+                return {"cold": cold, "warm_branch": warm, "requests": len(hub.repo_requests())}
+
+            # The order alternates per round, so neither tool always runs on the colder (or warmer) machine.
+            first = "ours" if round_no % 2 == 0 else "plain"
+            if first == "ours":
+                ours, plain = run_ours(), run_plain()
+            else:
+                plain, ours = run_plain(), run_ours()
+            cold, plain_cold = ours["cold"], plain["cold"]
             manifest = json.loads((ours_cache / "manifests" / "models--bench-org--model-1g" / f"{commit}.json")
                                   .read_text())
-            patterns = [f["path"] for f in manifest["files"]]
-            hub.clear_log()
-            plain_cold = _plain(plain_cache, "main", patterns, env)
-            plain_warm = _plain(plain_cache, "main", patterns, env)
-            plain_warm_requests = len(hub.repo_requests()) - 0
+            if sorted(f["path"] for f in manifest["files"]) != sorted(patterns):
+                raise SystemExit(f"the tools cached different files: {manifest['files']} vs {patterns}")
             total = manifest["bytes"]
             row = {
                 "round": round_no,
+                "first": first,
                 "bytes": total,
                 "ours_cold": cold | {"rate_MBps": round(total / cold["wall_seconds"] / 1e6, 1),
                                      "verification_seconds": manifest["verificationSeconds"]},
-                "ours_warm_branch": warm_branch,
-                "ours_warm_commit": warm_commit,
+                "ours_warm_branch": ours["warm_branch"],
+                "ours_warm_commit": ours["warm_commit"],
                 "plain_cold": plain_cold | {"rate_MBps": round(total / plain_cold["wall_seconds"] / 1e6, 1)},
-                "plain_warm_branch": plain_warm,
-                "plain_requests_cold_plus_warm": plain_warm_requests,
+                "plain_warm_branch": plain["warm_branch"],
+                "plain_requests_cold_plus_warm": plain["requests"],
+                "cold_ratio_wall": round(cold["wall_seconds"] / plain_cold["wall_seconds"], 3),
+                "cold_ratio_in_process": round(cold["inner_seconds"] / plain_cold["inner_seconds"], 3),
             }
             rounds.append(row)
             print(json.dumps(row, indent=1), flush=True)
@@ -131,6 +151,8 @@ def main() -> int:
     print("\n| run | what | wall s | in-process s | rate MB/s |")
     print("|---|---|---|---|---|")
     for row in rounds:
+        print(f"| {row['round']} | cold, ours / snapshot_download ({row['first']} first) | "
+              f"{row['cold_ratio_wall']:.3f}x | {row['cold_ratio_in_process']:.3f}x | |")
         for key, label in (("ours_cold", "vllm-runtime cache, cold (download + sha256 + manifest)"),
                            ("plain_cold", "snapshot_download, cold"),
                            ("ours_warm_branch", "vllm-runtime cache, warm, revision main"),

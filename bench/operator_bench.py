@@ -25,7 +25,8 @@ Scenarios, each on a fresh emulator and a fresh operator process:
   cluster work); then ``burst``: N models POSTed at once (50 requests in flight), wall time until the last
   is Ready; then an ``idle`` window as long as one resync interval plus 5 s, in which only the periodic
   resync runs; RSS is read after it, with every model still there. API requests are reported per phase.
-- ``cycles``: models created ``--cycle-batch`` at a time, each batch waited for until Ready, then deleted;
+- ``cycles``: models created ``--cycle-batch`` at a time, each batch waited for until Ready (``--cycle-until
+  first``: until PVC, Job and first status), then deleted;
   RSS sampled every tenth of the run (at batch boundaries); first, last and max sample and the least-squares slope over the
   samples after the first tenth (MB per 1,000 cycles). Deleted objects are purged from the emulator
   between batches (``TimedEmulator.purge``) so the emulator's cost does not grow with the cycle count.
@@ -469,14 +470,14 @@ async def _latency(session: aiohttp.ClientSession, base: str, emu: TimedEmulator
     }
 
 
-async def _create_all(session: aiohttp.ClientSession, base: str, emu: TimedEmulator,
-                      names: list[str]) -> tuple[list[float], dict[str, asyncio.Future[float]]]:  # fmt: skip
-    """POST ``names`` with 50 in flight; the POST times and a future per model that resolves when Ready."""
+async def _create_all(session: aiohttp.ClientSession, base: str, emu: TimedEmulator, names: list[str],
+                      stage: str = "ready") -> tuple[list[float], dict[str, asyncio.Future[float]]]:  # fmt: skip
+    """POST ``names`` with 50 in flight; the POST times and a future per model that resolves at ``stage``."""
     loop = asyncio.get_running_loop()
     futures: dict[str, asyncio.Future[float]] = {}
     for name in names:
         futures[name] = loop.create_future()
-        emu.waiters[name] = ("ready", futures[name])
+        emu.waiters[name] = (stage, futures[name])
     gate = asyncio.Semaphore(50)
 
     async def create(name: str) -> float:
@@ -528,6 +529,7 @@ class Options:
     burst_models: int = 20
     cycles: int = 50
     cycle_batch: int = 10
+    cycle_until: str = "ready"  # or "first": delete once PVC, Job and first status are written (faster)
     resync_interval: float | None = 2.0
     idle_window: float | None = None  # None: resync_interval + 5 s
     burst_timeout: float = 300.0
@@ -637,7 +639,7 @@ async def scenario_cycles(side: Side, opts: Options, workdir: Path) -> dict[str,
         next_sample = sample_every
         while done < opts.cycles:
             names = [f"cyc-{done + i:05d}" for i in range(min(opts.cycle_batch, opts.cycles - done))]
-            _, futures = await _create_all(session, base, emu, names)
+            _, futures = await _create_all(session, base, emu, names, opts.cycle_until)
             _, pending = await asyncio.wait(list(futures.values()), timeout=120.0)
             not_ready += len(pending)
             gate = asyncio.Semaphore(50)
@@ -668,6 +670,7 @@ async def scenario_cycles(side: Side, opts: Options, workdir: Path) -> dict[str,
     return {
         "cycles": opts.cycles,
         "batch": opts.cycle_batch,
+        "until": opts.cycle_until,
         "seconds": seconds,
         "cycles_per_s": opts.cycles / seconds if seconds else float("nan"),
         "not_ready": not_ready,
@@ -783,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-models", type=int, help="models created at once")
     parser.add_argument("--cycles", type=int, help="create/delete cycles (full: 10,000)")
     parser.add_argument("--cycle-batch", type=int, help="models created, then deleted, at a time")
+    parser.add_argument("--cycle-until", choices=sorted(STAGES),
+                        help="each cycle's models are deleted at this stage (default ready)")  # fmt: skip
     parser.add_argument("--resync-interval", type=float,
                         help="VLLM_OPERATOR_RECONCILE_INTERVAL_SECONDS for both sides (s)")  # fmt: skip
     parser.add_argument("--idle-window", type=float, help="seconds idle after the burst (default resync + 5)")
@@ -806,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     report = with_facts(run(
         args.size, args.workdir, args.tracemalloc, args.resync_interval, baseline=args.baseline,
         scenarios=scenarios, latency_models=args.latency_models, burst_models=args.burst_models,
-        cycles=args.cycles, cycle_batch=args.cycle_batch, idle_window=args.idle_window, env=env or None,
+        cycles=args.cycles, cycle_batch=args.cycle_batch, cycle_until=args.cycle_until, idle_window=args.idle_window, env=env or None,
     ), args.workdir)  # fmt: skip
     print(report["markdown"])
     print(f"\n{report['size']} size, {report['seconds']:.0f} s; per scenario: "

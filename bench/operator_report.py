@@ -162,7 +162,7 @@ def summary_rows(results: list[Mapping[str, Any]]) -> list[tuple[str, str, list[
         ("create/delete cycles: RSS max sample", "MB", "cycles/rss_max_mb", ""),
         ("create/delete cycles: RSS slope", "MB/1k", "cycles/slope_mb_per_1000", "~0 (flat)"),
         ("create/delete cycles: rate", "cycles/s", "cycles/cycles_per_s", ""),
-        ("create/delete cycles: not Ready in time", "count", "cycles/not_ready", "0"),
+        ("create/delete cycles: models timed out (120 s a batch)", "count", "cycles/not_ready", "0"),
         ("create/delete cycles: reads beyond the watches per cycle", "per model",
          "cycles/api/reads_beyond_watches_per_model", ""),
     ]  # fmt: skip

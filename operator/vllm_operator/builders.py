@@ -421,7 +421,8 @@ def service_for(model: VLLMModel, config: Config) -> dict[str, Any]:
 def children_for(
     model: VLLMModel, config: Config, commit: str, *, claim_uid: str | None = None, served: bool = False
 ) -> list[dict[str, Any]]:
-    """Every child, in creation order: cache PVC (if any), cache Job, Deployment, Service.
+    """Every child, in creation order: cache PVC (if any), cache Job, Deployment, Service, then the
+    autoscaler (ScaledObject or HPA) and InferencePool when the spec asks for them.
 
     What ``render`` prints; the plan calls the same builders one at a time, as each child's turn comes.
     ``claim_uid``: the cache PVC's uid, known only in a cluster. ``served``: the Deployment serves
@@ -430,7 +431,16 @@ def children_for(
     ttl = config.cache_job_ttl_seconds if served else None
     children = [cache_pvc_for(model, config), cache_job_for(model, config, claim_uid=claim_uid, ttl_seconds=ttl)]
     children += [deployment_for(model, config, commit, claim_uid=claim_uid), service_for(model, config)]
+    # Imported here: autoscaling builds on this module (labels, selector, metadata).
+    from . import autoscaling
+
+    children += autoscaling.children_for(model, config)
     return [child for child in children if child is not None]
+
+
+def child_metadata(model: VLLMModel, name: str, component: str) -> dict[str, Any]:
+    """The metadata of an owned child without annotations (for builders in other modules)."""
+    return _metadata(model, name, component, {})
 
 
 # --- private helpers ---------------------------------------------------------------------------------

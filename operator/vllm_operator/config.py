@@ -45,6 +45,8 @@ VLLM_OPERATOR_SURFACE_FAILURES_AFTER_SECONDS  a transient write failure lasting 
 VLLM_OPERATOR_WORKER_LIMIT                most per-object workers kopf runs at once    0 (unlimited)
                                           per watched kind (bounds a burst's memory)
 VLLM_OPERATOR_FIELD_MANAGER               field manager name for writes                vllm-operator
+VLLM_OPERATOR_PROMETHEUS_ADDRESS          Prometheus URL of KEDA ScaledObjects whose   (empty: the spec must say)
+                                          spec.autoscaling.serverAddress is unset
 ========================================  ===========================================  ==========================
 """
 
@@ -89,6 +91,7 @@ class Config:
     surface_failures_after_seconds: float = 10.0
     worker_limit: int = 0
     field_manager: str = "vllm-operator"
+    prometheus_address: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -159,4 +162,5 @@ class Config:
             ),
             worker_limit=int(number("WORKER_LIMIT", defaults.worker_limit, int)),
             field_manager=text("FIELD_MANAGER", defaults.field_manager),
+            prometheus_address=optional("PROMETHEUS_ADDRESS", defaults.prometheus_address),
         )

@@ -67,10 +67,15 @@ SERVICES = Resource("", "v1", "services", "Service")
 PODS = Resource("", "v1", "pods", "Pod")
 JOBS = Resource("batch", "v1", "jobs", "Job")
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
+# Optional APIs (spec.autoscaling, spec.routing): their CRDs may be missing from a cluster.
+SCALEDOBJECTS = Resource("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
+HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
+INFERENCEPOOLS = Resource("inference.networking.k8s.io", "v1", "inferencepools", "InferencePool")
 
 EVENTS = Resource("", "v1", "events", "Event")
 
-_BY_KIND = {(r.api_version, r.kind): r for r in (VLLMMODELS, PVCS, SERVICES, PODS, JOBS, DEPLOYMENTS)}
+_BY_KIND = {(r.api_version, r.kind): r for r in (VLLMMODELS, PVCS, SERVICES, PODS, JOBS, DEPLOYMENTS,
+                                                 SCALEDOBJECTS, HPAS, INFERENCEPOOLS)}
 
 
 def resource_of(obj: Mapping[str, Any]) -> Resource:

@@ -10,7 +10,6 @@ would get the object garbage-collected; never on a PVC with ``cache.deletePolicy
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import yaml
 
 from vllm_runtime import layout
 
-from . import builders, crd
+from . import builders, crd, inputs, validation
 from .config import Config
 from .model import VLLMModel
 
@@ -68,16 +67,39 @@ def input_files(paths: Iterable[str]) -> list[str]:
 
 
 def read_documents(path: str, stdin: TextIO | None = None) -> Iterator[dict[str, Any]]:
-    text = (stdin or sys.stdin).read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    """The documents of one file ('-' is stdin), read as kubectl would and bounded (``inputs``: size,
+    aliases, nesting, duplicate keys); every VLLMModel among them is validated against the CRD's schema
+    and rules (``checked_document``) before anything is built from it."""
+    source = "<stdin>" if path == "-" else path
     try:
-        for document in yaml.safe_load_all(text):
-            if document is None:
-                continue
-            if not isinstance(document, dict):
-                raise RenderError(f"{path}: a YAML document is not a mapping")
-            yield document
-    except yaml.YAMLError as exc:
-        raise RenderError(f"{path}: not valid YAML: {exc}") from None
+        for number, document in enumerate(inputs.load_documents(inputs.read_text(path, stdin), source), start=1):
+            yield checked_document(document, f"{source}: document {number}")
+    except inputs.InputRefused as exc:
+        raise RenderError(str(exc)) from exc
+
+
+def checked_document(document: Any, where: str) -> dict[str, Any]:
+    """``document`` when the API server would take it: a mapping with a string apiVersion and kind and,
+    when it is or claims to be a VLLMModel (its kind or its API group), valid by the CRD
+    (``validation``). Other kinds pass unchecked; ``render`` skips them."""
+    if not isinstance(document, dict):
+        raise RenderError(f"{where}: a YAML document is not a mapping (apiVersion, kind, metadata, spec)")
+    api_version, kind = document.get("apiVersion"), document.get("kind")
+    if not (isinstance(api_version, str) and api_version and isinstance(kind, str) and kind):
+        raise RenderError(
+            f"{where}: apiVersion and kind must both be set, as strings (kubectl refuses the document too);"
+            f" for a VLLMModel: apiVersion: {crd.API_VERSION}, kind: {crd.KIND}"
+        )
+    if kind != crd.KIND and api_version.split("/")[0] != crd.GROUP:
+        return document
+    try:
+        validation.validate(document)
+    except validation.InvalidSpec as exc:
+        metadata = document.get("metadata")
+        name = metadata.get("name") if isinstance(metadata, dict) else None
+        problems = "\n".join(f"  {error}" for error in exc.errors)
+        raise RenderError(f"{where}: VLLMModel {name or '<no name>'} would be refused by the API server:\n{problems}") from exc
+    return document
 
 
 def is_vllm_model(document: dict[str, Any]) -> bool:

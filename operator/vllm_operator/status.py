@@ -13,11 +13,14 @@ READY = "Ready"
 FAILED = "Failed"
 MEMORY_FITS = "MemoryFits"
 STALLED = "Stalled"  # kstatus' abnormal-true condition (Flux): True exactly while Failed is True
+AUTOSCALER_READY = "AutoscalerReady"  # only with spec.autoscaling
+ROUTING_READY = "RoutingReady"  # only with spec.routing.inferencePool
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
 # Phases, from the most to the least advanced.
 PENDING, CACHING, LOADING, READY_PHASE, FAILED_PHASE = "Pending", "Caching", "Loading", "Ready", "Failed"
+IDLE = "Idle"  # cached and deployed at zero replicas (scaled to zero): nothing is wrong
 
 
 @dataclass(frozen=True)
@@ -129,5 +132,6 @@ MANAGED_KEYS = frozenset(
         "endpoint",
         "plan",
         "message",
+        "autoscaling",
     }
 )

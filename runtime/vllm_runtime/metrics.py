@@ -9,6 +9,7 @@ GPU memory comes from NVML (nvidia-ml-py). Without a GPU or the NVML library not
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -239,6 +240,9 @@ class LateGauge(Collector):
         yield GaugeMetricFamily(self.name, self.documentation)
 
 
+ADAPTER_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 class ServeMetrics:
     """The runtime's own registry for ``serve`` (no default process collectors: vLLM's relayed
     output already has ``process_*`` series for the server, and names must not repeat)."""
@@ -289,8 +293,44 @@ class ServeMetrics:
         self.vllm_metrics_up = Gauge(
             "vllm_runtime_vllm_metrics_up", "1 when the last relay of vLLM's /metrics succeeded", registry=r
         )
+        # LoRA adapters (serve --adapters-file); vLLM's own vllm:lora_requests_info is relayed unchanged.
+        self.adapter_loaded_gauge = Gauge(
+            "vllm_runtime_adapter_loaded", "1 while the adapter is loaded in vLLM at its desired commit",
+            ["adapter"], registry=r,
+        )
+        self.adapter_load_duration = Histogram(
+            "vllm_runtime_adapter_load_seconds", "Seconds to check and load an adapter into the running vLLM",
+            ["adapter"], buckets=ADAPTER_SECONDS_BUCKETS, registry=r,
+        )
+        self.adapter_unload_duration = Histogram(
+            "vllm_runtime_adapter_unload_seconds", "Seconds to unload an adapter from the running vLLM",
+            ["adapter"], buckets=ADAPTER_SECONDS_BUCKETS, registry=r,
+        )
+        self.adapter_failures = Counter(
+            "vllm_runtime_adapter_load_failures", "Failed adapter loads by reason (AdapterRankTooHigh, ...)",
+            ["adapter", "reason"], registry=r,
+        )
         self.start_time = time.monotonic()
         r.register(_MemoryCollector(nvml or _default_nvml, vllm_pid))
+
+    # adapters.converge.AdapterMetricsSink
+    def adapter_loaded(self, name: str, loaded: bool) -> None:
+        self.adapter_loaded_gauge.labels(adapter=name).set(1 if loaded else 0)
+
+    def adapter_removed(self, name: str) -> None:
+        try:
+            self.adapter_loaded_gauge.remove(name)
+        except KeyError:
+            pass
+
+    def adapter_load_seconds(self, name: str, seconds: float) -> None:
+        self.adapter_load_duration.labels(adapter=name).observe(seconds)
+
+    def adapter_unload_seconds(self, name: str, seconds: float) -> None:
+        self.adapter_unload_duration.labels(adapter=name).observe(seconds)
+
+    def adapter_failure(self, name: str, reason: str) -> None:
+        self.adapter_failures.labels(adapter=name, reason=reason).inc()
 
     def mark_phase(self, phase: str, seconds: float | None = None) -> float:
         """Record that ``phase`` was reached ``seconds`` after start (now when None); returns the value."""
@@ -336,11 +376,13 @@ class MetricsHTTPServer:
         metrics: ServeMetrics,
         relay_url: str | None = None,
         is_ready: Callable[[], bool] = lambda: False,
+        status: Callable[[], dict[str, Any]] | None = None,
         host: str = "0.0.0.0",  # noqa: S104 - scraped and probed from outside the pod
     ) -> None:
         self.metrics = metrics
         self.relay_url = relay_url
         self.is_ready = is_ready
+        self.status = status
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -353,6 +395,9 @@ class MetricsHTTPServer:
                 elif path == "/ready":
                     ok = server.is_ready()
                     self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                elif path == "/status" and server.status is not None:  # the serve status, adapters included
+                    body = json.dumps(server.status(), sort_keys=True).encode() + b"\n"
+                    self._reply(200, body, "application/json")
                 else:
                     self._reply(404, b"not found\n")
 

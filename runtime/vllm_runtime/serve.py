@@ -18,6 +18,11 @@ What it does, in order:
    classifies a failed start (``failures``), and exits with vLLM's status.
 
 The runtime's metrics port serves ``/live``, ``/ready`` and ``/metrics`` (runtime + relayed vLLM).
+
+Draining on SIGTERM, in two steps, so a pod leaves the endpoints before it stops taking requests:
+``/ready`` fails at once while vLLM keeps serving new and in-flight requests for
+``--endpoint-drain-seconds`` (endpoints, kube-proxy and inference gateways catch up meanwhile); only
+then does vLLM get SIGTERM and finish what is in flight (``--drain-timeout``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from types import FrameType
 from typing import IO, Any
 
 from vllm_runtime import failures, layout, summary, vllm_args
+from vllm_runtime.adapters import serving as adapters_args
+from vllm_runtime.adapters.settings import LoraSettings
 from vllm_runtime.metrics import (
     GpuMemory,
     MetricsHTTPServer,
@@ -139,6 +146,15 @@ def check_runtime_flags(extra: Sequence[str]) -> None:
             "InvalidArgs",
             "vLLM arguments after `--` may not set " + ", ".join(sorted(set(bad)))
             + ": vllm-runtime serve sets them from --model/--revision/--port (remove them from spec.extraArgs)",
+            summary.EXIT_USAGE,
+        )
+    # The operator writes owned flags only in their canonical spelling; any other one came from extraArgs.
+    disguised = vllm_args.disguised_owned_flags_in(extra)
+    if disguised:
+        raise ServeError(
+            "InvalidArgs",
+            "vLLM arguments after `--` reach flags the operator sets, by an abbreviation or short form: "
+            + ", ".join(disguised) + " (remove them from spec.extraArgs; use the spec fields instead)",
             summary.EXIT_USAGE,
         )
 
@@ -237,6 +253,7 @@ def build_plan(
     base_env: Mapping[str, str],
     vllm_command: Sequence[str] = DEFAULT_VLLM_COMMAND,
     drain_timeout: int = 0,
+    lora: LoraSettings | None = None,
 ) -> ServePlan:
     extra = list(extra_args)
     check_runtime_flags(extra)
@@ -244,6 +261,15 @@ def build_plan(
         settings = vllm_args.settings_from_flags(extra)
     except ValueError as exc:
         raise ServeError("InvalidArgs", str(exc), summary.EXIT_USAGE) from exc
+    if lora is not None:
+        if clash := vllm_args.lora_flags_in(extra):
+            raise ServeError(
+                "InvalidArgs",
+                f"vLLM arguments after `--` may not set {', '.join(clash)} with --adapters-file: serve sets them "
+                "(use serve's --max-loras/--max-lora-rank/--max-cpu-loras, i.e. spec.adapters' limits)",
+                summary.EXIT_USAGE,
+            )
+        settings = {**settings, "enableLora": True, **lora.to_status()}
 
     source = _model_source(model)
     manifest: dict[str, Any] | None = None
@@ -281,6 +307,10 @@ def build_plan(
     )
     if cache_layout is not None:
         env["HF_HUB_CACHE"] = str(cache_layout.hub_cache)
+    lora_argv: list[str] = []
+    if lora is not None:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+        lora_argv = lora.flags()
     if compile_dir is not None:
         env["VLLM_CACHE_ROOT"] = str(compile_dir)
         env.setdefault("TRITON_CACHE_DIR", str(compile_dir / "triton"))  # GPU kernels JIT-compiled by Triton
@@ -288,7 +318,7 @@ def build_plan(
     drain = []
     if drain_timeout > 0 and not any(a.split("=", 1)[0] == "--shutdown-timeout" for a in extra):
         drain = ["--shutdown-timeout", str(drain_timeout)]  # vLLM drains in-flight requests on SIGTERM
-    argv = [*vllm_command, *model_flags, "--host", host, "--port", str(port), *drain, *extra]
+    argv = [*vllm_command, *model_flags, "--host", host, "--port", str(port), *drain, *lora_argv, *extra]
     return ServePlan(
         argv=argv,
         env=env,
@@ -497,6 +527,7 @@ class Supervisor:
         status_base: dict[str, Any],
         stop_grace: float,
         output: IO[str] = sys.stdout,
+        endpoint_drain: float = 0.0,
     ) -> None:
         self.plan = plan
         self.base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"  # noqa: S104
@@ -504,6 +535,7 @@ class Supervisor:
         self.status_path = status_path
         self.status_base = status_base
         self.stop_grace = stop_grace
+        self.endpoint_drain = endpoint_drain  # seconds vLLM keeps serving after SIGTERM, not ready
         self.output = output
         self.tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)
         self.tracker = PhaseTracker(metrics, on_change=self.write_status)
@@ -515,6 +547,7 @@ class Supervisor:
         self._stop_event = threading.Event()
         self._status_lock = threading.Lock()
         self.renew_lease: Callable[[], None] = lambda: None  # called about every LEASE_RENEW_SECONDS
+        self.status_sections: dict[str, Callable[[], Any]] = {}  # more of /status (e.g. "adapters")
 
     # -- status file
     def status(self) -> dict[str, Any]:
@@ -535,6 +568,8 @@ class Supervisor:
             data["exitCode"] = self.exit_code
         if self.failure:
             data["failure"] = {"reason": self.failure.reason, "message": self.failure.message}
+        for key, section in self.status_sections.items():
+            data[key] = section()
         return data
 
     def write_status(self) -> None:
@@ -626,7 +661,8 @@ class Supervisor:
 
     # -- signals
     def forward_stop(self, signum: int, _frame: FrameType | None = None) -> None:
-        """SIGTERM/SIGINT: stop being ready, let vLLM drain (--shutdown-timeout), kill it if it hangs."""
+        """SIGTERM/SIGINT: stop being ready at once, keep serving for ``endpoint_drain`` s while the
+        endpoints drop this pod, then let vLLM drain (--shutdown-timeout), and kill it if it hangs."""
         if self.proc is None or self.proc.poll() is not None:
             return
         if self.stopping:  # a second signal: do not wait any longer
@@ -635,7 +671,26 @@ class Supervisor:
         self.stopping = True
         self.ready = False
         self.metrics.ready.set(0)
-        log.info("received %s: asking vLLM to drain and stop", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self.endpoint_drain > 0:
+            log.info(
+                "received %s: /ready fails now; vLLM keeps serving for %.0f s while the endpoints drop this pod",
+                name,
+                self.endpoint_drain,
+            )
+            timer = threading.Timer(self.endpoint_drain, self._stop_vllm, args=(name,))
+            timer.daemon = True
+            timer.start()
+        else:
+            log.info("received %s", name)
+            self._stop_vllm(name)
+        # not from the signal handler's frame: the status lock may be held by the interrupted thread
+        threading.Thread(target=self.write_status, name="status-on-stop", daemon=True).start()
+
+    def _stop_vllm(self, name: str) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        log.info("forwarding %s: vLLM finishes the requests in flight and stops", name)
         try:
             self.proc.send_signal(signal.SIGTERM)
         except ProcessLookupError:
@@ -678,6 +733,14 @@ def register(subparsers: Any) -> None:
         "inside Kubernetes' default 30 s grace period)",
     )
     p.add_argument(
+        "--endpoint-drain-seconds",
+        type=float,
+        default=5.0,
+        help="after SIGTERM, seconds /ready fails while vLLM still serves, so endpoints and gateways stop "
+        "routing here before vLLM stops taking requests (default 5; the pod's terminationGracePeriodSeconds "
+        "must cover this plus --drain-timeout)",
+    )
+    p.add_argument(
         "--vllm-command",
         default=None,
         help="command that starts vLLM's OpenAI server (default: this Python with -m "
@@ -690,6 +753,7 @@ def register(subparsers: Any) -> None:
         help="start vLLM even when the memory planner says the model does not fit the free memory of the "
         f"visible GPUs (NVML); default from {SKIP_MEMORY_CHECK_ENV}=1, which a VLLMModel can set in spec.env",
     )
+    adapters_args.register_serve_arguments(p)
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then arguments for vLLM")
     p.set_defaults(func=run)
 
@@ -701,6 +765,7 @@ def run(args: argparse.Namespace) -> int:
     base = summary.Summary(ok=False, command="serve", model=args.model, revision=args.revision)
     nvml = Nvml()
     try:
+        lora = _lora_settings(args, cache_dir)
         plan = build_plan(
             model=args.model,
             revision=args.revision,
@@ -713,6 +778,7 @@ def run(args: argparse.Namespace) -> int:
             base_env=os.environ,
             vllm_command=args.vllm_command.split() if args.vllm_command else DEFAULT_VLLM_COMMAND,
             drain_timeout=args.drain_timeout,
+            lora=lora,
         )
     except ServeError as exc:
         log.error("%s", exc.message)
@@ -761,6 +827,7 @@ def run(args: argparse.Namespace) -> int:
         status_path=status_path,
         status_base=status_base,
         stop_grace=args.drain_timeout + 15,
+        endpoint_drain=max(0.0, args.endpoint_drain_seconds),
     )
     if not memory.ok:
         return _refuse_for_memory(args, plan, memory, supervisor, started)
@@ -781,7 +848,9 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         relay_url=supervisor.base_url + "/metrics",
         is_ready=lambda: supervisor.ready if supervisor else False,
+        status=supervisor.status,
     ).start()
+    converger = adapters_args.start_converger(args, plan, lora, cache_dir, supervisor, metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, supervisor.forward_stop)
     if lease:
@@ -789,6 +858,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         code = supervisor.run()
     finally:
+        if converger is not None:
+            converger.stop()
         http.stop()
         if lease:
             lease.release()
@@ -806,6 +877,13 @@ def run(args: argparse.Namespace) -> int:
         done.reason, done.message, done.retryable = supervisor.failure.reason, supervisor.failure.message, False
     summary.write_termination_message(done, args.termination_message_path)
     return code
+
+
+def _lora_settings(args: argparse.Namespace, cache_dir: Path | None) -> LoraSettings | None:
+    try:
+        return adapters_args.lora_for_serve(args, cache_dir)
+    except ValueError as exc:  # a limit vLLM refuses, an unusable adapters file
+        raise ServeError("InvalidArgs", str(exc), summary.EXIT_USAGE) from exc
 
 
 def _refuse_for_memory(

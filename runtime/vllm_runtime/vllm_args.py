@@ -58,6 +58,28 @@ NOT_ABBREVIATIONS: frozenset[str] = frozenset({"--tokenizer"})
 # Settings that change compiled graphs; only identical values may share a compile cache.
 COMPILE_KEY_FIELDS = ("quantization", "dtype", "tensorParallelSize", "kvCacheDtype", "maxModelLen", "enforceEager")
 
+# LoRA: ``vllm-runtime serve --adapters-file`` sets these (defaults from the adapters' ranks); spec field -> flag.
+ENABLE_LORA_FLAG = "--enable-lora"
+LORA_FLAGS: dict[str, str] = {
+    "maxLoras": "--max-loras",
+    "maxLoraRank": "--max-lora-rank",
+    "maxCpuLoras": "--max-cpu-loras",
+}
+# LoRA layers change the compiled graphs too; keyed only when set, so servers without adapters keep their key.
+LORA_KEY_FIELDS = ("enableLora", *LORA_FLAGS)
+
+
+def lora_flags(*, max_loras: int, max_lora_rank: int, max_cpu_loras: int) -> list[str]:
+    """vLLM's flags for a server that loads adapters at runtime (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
+    values = {"maxLoras": max_loras, "maxLoraRank": max_lora_rank, "maxCpuLoras": max_cpu_loras}
+    return [ENABLE_LORA_FLAG, *(arg for key, flag in LORA_FLAGS.items() for arg in (flag, str(values[key])))]
+
+
+def lora_flags_in(args: Sequence[str]) -> list[str]:
+    """The LoRA flags (long form) that ``args`` set, in any spelling with underscores or ``=value``."""
+    names = {ENABLE_LORA_FLAG, *LORA_FLAGS.values()}
+    return sorted({_flag_name(a) for a in args if a.startswith("--") and _flag_name(a) in names})
+
 
 class OwnedFlagError(ValueError):
     """``spec.extraArgs`` reaches a flag the operator or the runtime sets (in any spelling vLLM accepts)."""
@@ -119,7 +141,7 @@ def disguised_owned_flags_in(args: Sequence[str]) -> list[str]:
     """Arguments that reach an owned flag in a spelling ``vllm_flags`` never writes (an abbreviation, a
     short form, underscores, ``--no-``): ``vllm-runtime serve`` refuses them, since only ``spec.extraArgs``
     can have put them there."""
-    return [arg for arg in args if owned_flag_of(arg) is not None and _flag_name(arg) not in OWNED_FLAGS]
+    return [arg for arg in args if owned_flag_of(arg) is not None and arg.split("=", 1)[0] not in OWNED_FLAGS]
 
 
 def check_extra_args(extra_args: Sequence[str]) -> None:
@@ -225,6 +247,7 @@ def compile_cache_key(*, vllm_version: str, commit: str, accelerator: str, setti
         "commit": commit,
         "accelerator": accelerator,
         **{field: settings.get(field) for field in COMPILE_KEY_FIELDS},
+        **{field: settings[field] for field in LORA_KEY_FIELDS if settings.get(field) is not None},
     }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
     return f"vllm-{vllm_version}-{digest}".replace("/", "_").replace("+", "_")

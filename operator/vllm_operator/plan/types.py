@@ -25,6 +25,13 @@ class Observed:
     deployment: JSON | None = None
     service: JSON | None = None
     memory: MemoryPlan = NO_GPU
+    # spec.autoscaling / spec.routing: the model's ScaledObjects, HPAs and InferencePools by name, and
+    # the optional APIs (plurals) the cluster does not serve, or the operator's watches do not carry.
+    scaled_objects: Mapping[str, JSON] = field(default_factory=dict)
+    hpas: Mapping[str, JSON] = field(default_factory=dict)
+    inference_pools: Mapping[str, JSON] = field(default_factory=dict)
+    missing_apis: frozenset[str] = frozenset()
+    unwatched_apis: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

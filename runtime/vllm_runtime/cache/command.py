@@ -54,7 +54,7 @@ from vllm_runtime.cache.manifest import (
 )
 from vllm_runtime.cache.selection import HubFile, NoWeightsError, Selection, restrict_to_index, select_files
 from vllm_runtime.cache.usage import touch_last_used
-from vllm_runtime.cache.verify import VerificationJournal, file_digests, verify_file
+from vllm_runtime.cache.verify import StreamingDigest, VerificationJournal, file_digests, verify_file
 from vllm_runtime.layout import (
     TERMINATION_MESSAGE_PATH,
     CacheLayout,
@@ -170,7 +170,8 @@ class _Fetcher:
             for future in futures:
                 future.result()
 
-    def _download_once(self, hub_file: HubFile) -> str:
+    def _download_once(self, hub_file: HubFile) -> tuple[str, StreamingDigest]:
+        stream = StreamingDigest(self.layout.repo_dir(self.repo_id) / "blobs", hub_file)  # hashed as bytes land
         with self._lock:  # counted only while transferring, not while sleeping between retries
             self._in_flight += 1
         try:
@@ -182,24 +183,29 @@ class _Fetcher:
                 endpoint=self.opts.endpoint,
                 token=self.opts.token or False,
                 etag_timeout=max(self.opts.stall_timeout, 1.0),
-            )
+                tqdm_class=stream.progress_class,
+            ), stream
+        except BaseException:
+            stream.finish()
+            raise
         finally:
             with self._lock:
                 self._in_flight -= 1
 
-    def _download(self, hub_file: HubFile) -> Path:
-        return Path(self.retrier.call(f"download of {hub_file.path}", lambda: self._download_once(hub_file)))
+    def _download(self, hub_file: HubFile) -> tuple[Path, StreamingDigest]:
+        path, stream = self.retrier.call(f"download of {hub_file.path}", lambda: self._download_once(hub_file))
+        return Path(path), stream
 
     def fetch(self, hub_file: HubFile) -> None:
         for attempt in (1, 2):
-            pointer = self._download(hub_file)
+            pointer, stream = self._download(hub_file)
             blob = pointer.resolve()
             known = self.journal.known_sha256(hub_file, blob)
             if known is not None:
                 self.sha256[hub_file.path] = known
                 return
             began = time.monotonic()
-            ok, sha256 = verify_file(hub_file, blob)
+            ok, sha256 = verify_file(hub_file, blob, stream.digests(blob))
             with self._lock:
                 self.verification_seconds += time.monotonic() - began
             if ok:

@@ -1,0 +1,75 @@
+"""Draining on SIGTERM: the pod leaves the endpoints (``/ready`` fails) before it stops taking requests.
+
+Against the stand-in vLLM (tests/fake_vllm.py): right after SIGTERM ``/ready`` answers 503 while the
+API still answers, and vLLM gets its own SIGTERM only after ``--endpoint-drain-seconds``. The same
+with real vLLM and requests in flight: tests/test_serve_drain_e2e.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from test_serve_unit import COMMIT, REPO, fill_cache_by_hand, wait_for
+
+from vllm_runtime.demo import ServeProcess, http_status
+
+HERE = Path(__file__).parent
+DRAIN_SECONDS = 2.0
+
+
+@dataclass
+class FakeVllmServe(ServeProcess):
+    """``vllm-runtime serve`` of the stand-in vLLM, with ``serve`` options before the ``--``."""
+
+    serve_flags: tuple[str, ...] = ()
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cut = cmd.index("--")
+        return [*cmd[:cut], "--vllm-command", f"{sys.executable} {HERE / 'fake_vllm.py'}", *self.serve_flags, *cmd[cut:]]
+
+
+def serve_fake(tmp_path: Path, *serve_flags: str) -> FakeVllmServe:
+    fill_cache_by_hand(tmp_path)
+    server = FakeVllmServe(
+        model=REPO, revision=COMMIT, cache_dir=tmp_path, log_path=tmp_path / "serve.log", vllm_args=(),
+        serve_flags=serve_flags,
+    )  # fmt: skip
+    server.start().wait_ready(timeout=60)
+    return server
+
+
+def test_sigterm_fails_readiness_at_once_and_keeps_serving_for_the_drain_period(tmp_path: Path) -> None:
+    server = serve_fake(tmp_path, "--endpoint-drain-seconds", str(DRAIN_SECONDS))
+    assert server.proc is not None
+    try:
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: http_status(server.metrics + "/ready") == 503, timeout=DRAIN_SECONDS)
+        assert time.monotonic() - signalled < DRAIN_SECONDS  # out of the endpoints first ...
+        assert http_status(server.api + "/v1/models") == 200  # ... while vLLM still takes requests
+        assert http_status(server.metrics + "/live") == 200  # draining is not dying: no liveness restart
+        assert "[shutdown]" not in server.log_text()  # vLLM has not been told to stop yet
+        code = server.proc.wait(timeout=30)
+        exited = time.monotonic()
+    finally:
+        server.stop()
+    assert code == 0, server.log_text()
+    assert exited - signalled >= DRAIN_SECONDS  # vLLM was not stopped before the drain period ended
+    lines = server.log_text().splitlines()
+    keeps_serving = next(i for i, line in enumerate(lines) if "keeps serving" in line)
+    forwarded = next(i for i, line in enumerate(lines) if "forwarding SIGTERM" in line)
+    shutdown = next(i for i, line in enumerate(lines) if "[shutdown] API server: shutdown triggered" in line)
+    assert keeps_serving < forwarded < shutdown
+
+
+def test_without_a_drain_period_vllm_is_stopped_at_once(tmp_path: Path) -> None:
+    server = serve_fake(tmp_path, "--endpoint-drain-seconds", "0")
+    code = server.stop()
+    assert code == 0, server.log_text()
+    log = server.log_text()
+    assert "received SIGTERM" in log and "forwarding SIGTERM" in log and "keeps serving" not in log
