@@ -93,6 +93,8 @@ class CachedCommit:
     last_used: str | None = None
     in_use_by: list[str] = field(default_factory=list)
     weight_format: str | None = None
+    adapter: bool = False  # a LoRA adapter (adapter_config.json at the top level), listed and leased like a model
+    lora_rank: int | None = None  # an adapter's largest rank, from its adapter_config.json
     _last_used_ts: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,13 +127,14 @@ def list_cache(cache_dir: str | Path, lease_ttl: float = LEASE_TTL_SECONDS) -> l
     for manifest in list_manifests(cache_dir):
         repo_id, commit = str(manifest["repoId"]), str(manifest["commit"])
         used = last_used(cache_dir, repo_id, commit) or _parse_iso(manifest.get("completedAt"))
+        adapter, rank = _adapter_facts(layout, manifest)
         found.append(
             CachedCommit(
                 repo_id=repo_id, commit=commit, complete=True, revisions=list(manifest.get("revisions", [])),
                 bytes=int(manifest.get("bytes", 0)), files=int(manifest.get("fileCount", 0)),
                 completed_at=manifest.get("completedAt"), last_used=_iso(used),
                 in_use_by=in_use_by(cache_dir, repo_id, commit, lease_ttl, now),
-                weight_format=manifest.get("weightFormat"), _last_used_ts=used,
+                weight_format=manifest.get("weightFormat"), adapter=adapter, lora_rank=rank, _last_used_ts=used,
             )
         )
         seen.add((repo_id, commit))
@@ -151,6 +154,20 @@ def list_cache(cache_dir: str | Path, lease_ttl: float = LEASE_TTL_SECONDS) -> l
             )
         )
     return sorted(found, key=lambda c: (c.repo_id, c.completed_at or "", c.commit))
+
+
+def _adapter_facts(layout: CacheLayout, manifest: dict[str, Any]) -> tuple[bool, int | None]:
+    """(is a LoRA adapter, its rank): adapter_config.json in the manifest; the rank from that small file."""
+    if not any(f.get("path") == "adapter_config.json" for f in manifest.get("files", [])):
+        return False, None
+    try:
+        config = json.loads(
+            (layout.snapshot_dir(str(manifest["repoId"]), str(manifest["commit"])) / "adapter_config.json").read_text()
+        )
+    except (OSError, ValueError):
+        return True, None
+    rank = config.get("r") if isinstance(config, dict) else None
+    return True, rank if isinstance(rank, int) and not isinstance(rank, bool) else None
 
 
 def _blob_refs(layout: CacheLayout) -> dict[Path, set[tuple[str, str]]]:
@@ -408,10 +425,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no models cached in {args.cache_dir}")
         return summary.EXIT_OK
-    rows = [("MODEL", "COMMIT", "REVISIONS", "SIZE", "FILES", "LAST USED", "IN USE", "STATE")]
+    rows = [("MODEL", "KIND", "COMMIT", "REVISIONS", "SIZE", "FILES", "LAST USED", "IN USE", "STATE")]
     for e in entries:
+        kind = (f"adapter(r={e.lora_rank})" if e.lora_rank else "adapter") if e.adapter else "model"
         rows.append((
-            e.repo_id, e.commit[:12], ",".join(e.revisions) or "-", human_bytes(e.bytes), str(e.files),
+            e.repo_id, kind, e.commit[:12], ",".join(e.revisions) or "-", human_bytes(e.bytes), str(e.files),
             e.last_used or "-", ",".join(e.in_use_by) or "-", "complete" if e.complete else "incomplete",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -124,6 +124,19 @@ def write_termination_message(summary: Summary, path: str | Path) -> None:
         pass
 
 
+def adapter_entries(data: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The cache summary's per-adapter entries (``cache --adapters-file``), ``[]`` when there are none.
+
+    Each has ``name`` and either ``commit`` and ``bytes`` (cached and verified) or ``reason`` and
+    ``retryable`` (not cached), or ``local: true`` (a pvc:// adapter); ``model``, ``revision``, ``rank`` and
+    ``message`` may be left out when the 4096 bytes are short. ``adaptersTruncated`` counts entries left out.
+    """
+    entries = (data or {}).get("adapters")
+    if not isinstance(entries, list):
+        return []
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)]
+
+
 def parse_termination_message(text: str | None) -> dict[str, Any] | None:
     """Parse a termination message written by ``write_termination_message``; None if it is not one."""
     if not text:

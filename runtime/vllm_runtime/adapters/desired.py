@@ -59,8 +59,13 @@ class AdaptersFileError(ValueError):
         self.path = path
 
 
-def parse_adapters(data: Any, *, path: str, served_names: tuple[str, ...] = ()) -> list[DesiredAdapter]:
-    """Entries in file order; broken entries carry ``problem`` (the others still load)."""
+def parse_adapters(
+    data: Any, *, path: str, served_names: tuple[str, ...] = (), require_commit: bool = True
+) -> list[DesiredAdapter]:
+    """Entries in file order; broken entries carry ``problem`` (the others still load).
+
+    ``require_commit``: serve needs each Hub adapter's 40-hex commit; the cache command resolves
+    ``revision`` (default ``main``) itself and takes a given commit as the revision."""
     if data is None:
         return []
     if isinstance(data, dict):
@@ -76,7 +81,7 @@ def parse_adapters(data: Any, *, path: str, served_names: tuple[str, ...] = ()) 
         name, model = str(entry.get("name") or ""), str(entry.get("model") or "")
         commit = entry.get("commit")
         revision = entry.get("revision")
-        problem = _entry_problem(where, name, model, commit, served_names)
+        problem = _entry_problem(where, name, model, commit, served_names, require_commit)
         if problem is None and name in seen:
             problem = f"{where}.name {name!r} is used by an earlier entry: adapter names must be unique"
         seen.add(name)
@@ -87,7 +92,9 @@ def parse_adapters(data: Any, *, path: str, served_names: tuple[str, ...] = ()) 
     return out
 
 
-def _entry_problem(where: str, name: str, model: str, commit: Any, served_names: tuple[str, ...]) -> str | None:
+def _entry_problem(
+    where: str, name: str, model: str, commit: Any, served_names: tuple[str, ...], require_commit: bool = True
+) -> str | None:
     if not NAME_PATTERN.match(name):
         return f"{where}.name {name!r} must be 1-63 letters, digits, '.', '_' or '-' (it is the OpenAI model name)"
     if name in served_names:
@@ -98,7 +105,9 @@ def _entry_problem(where: str, name: str, model: str, commit: Any, served_names:
         source = layout.parse_model(model)
     except ValueError as exc:
         return f"{where}.model: {exc}"
-    if source.is_hub and not (isinstance(commit, str) and layout.is_commit(commit)):
+    if commit is not None and not require_commit and not (isinstance(commit, str) and layout.is_commit(commit)):
+        return f"{where}.commit must be a 40-hex commit id (got {commit!r}) or left out"
+    if require_commit and source.is_hub and not (isinstance(commit, str) and layout.is_commit(commit)):
         return (
             f"{where}.commit must be the 40-hex commit the adapter was cached at (got {commit!r}): "
             "the operator resolves the adapter's revision once and writes it here"
@@ -106,7 +115,9 @@ def _entry_problem(where: str, name: str, model: str, commit: Any, served_names:
     return None
 
 
-def read_adapters_file(path: Path, *, served_names: tuple[str, ...] = ()) -> tuple[str, list[DesiredAdapter]]:
+def read_adapters_file(
+    path: Path, *, served_names: tuple[str, ...] = (), require_commit: bool = True
+) -> tuple[str, list[DesiredAdapter]]:
     """(digest of the content, entries). Raises AdaptersFileError when the file cannot be used at all."""
     try:
         raw = path.read_bytes()
@@ -119,7 +130,7 @@ def read_adapters_file(path: Path, *, served_names: tuple[str, ...] = ()) -> tup
         data = yaml.safe_load(raw.decode("utf-8")) if raw.strip() else None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise AdaptersFileError(str(path), f"is not JSON or YAML: {exc}") from None
-    return digest, parse_adapters(data, path=str(path), served_names=served_names)
+    return digest, parse_adapters(data, path=str(path), served_names=served_names, require_commit=require_commit)
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:

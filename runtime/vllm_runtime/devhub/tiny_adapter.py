@@ -15,6 +15,10 @@ Broken variants, for the failure paths (``VARIANTS``):
 - ``unsupported-module``: also targets ``input_layernorm``, which LoRA cannot wrap.
 
     python -m vllm_runtime.devhub.tiny_adapter OUT_DIR [--rank 8] [--seed 1] [--variant other-base]
+
+``publish`` puts an adapter on the loopback Hub (``DevHub``) at several revisions: one commit per version
+(each version its own seed, so its weights and completions differ), tagged ``v1``, ``v2``, ...; ``main``
+points at the last one.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +38,9 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 BASE_REPO = "test-org/tiny-llama"
 VARIANTS = ("good", "rank-too-high", "other-base", "no-weights", "unsupported-module")
 TOO_HIGH_RANK = 64
+
+if TYPE_CHECKING:
+    from vllm_runtime.devhub.server import DevHub
 
 
 def _module_dims(shape: ModelShape, module: str) -> tuple[int, int]:
@@ -116,6 +124,30 @@ def generate(
         save_file(adapter_tensors(shape, rank, modules, seed), str(out / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
     return out
+
+
+def publish(
+    hub: DevHub,
+    repo_id: str,
+    work_dir: str | Path,
+    *,
+    seeds: Sequence[int] = (1,),
+    rank: int = 8,
+    variant: str = "good",
+    base_model: str = BASE_REPO,
+) -> list[str]:
+    """Publish one commit per seed on ``hub`` (tags v1, v2, ...; main at the last); returns the commits."""
+    commits: list[str] = []
+    for version, seed in enumerate(seeds, start=1):
+        directory = generate(Path(work_dir) / f"{repo_id.replace('/', '--')}-v{version}", rank=rank, seed=seed,
+                             variant=variant, base_model=base_model)  # fmt: skip
+        if version == 1 and repo_id not in hub.repos:
+            commit = hub.add_repo(repo_id, directory)
+        else:
+            commit = hub.add_commit(repo_id, directory)
+        hub.create_tag(repo_id, f"v{version}", commit)
+        commits.append(commit)
+    return commits
 
 
 def main(argv: list[str] | None = None) -> int:

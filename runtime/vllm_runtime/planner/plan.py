@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import arch, gpus, quant
+from .lora import LoraSpec, lora_memory
 from .sources import ModelFacts, load_model
 
 GiB = gpus.GiB
@@ -31,10 +32,11 @@ class Overhead:
     runtime: int  # cuBLAS/NCCL workspaces, sampler buffers, allocator slack
     max_num_batched_tokens: int
     max_num_seqs: int
+    lora: int = 0  # LoRA buffers and their activations (planner.lora), 0 without adapters
 
     @property
     def total(self) -> int:
-        return self.activations + self.cuda_graphs + self.runtime
+        return self.activations + self.cuda_graphs + self.runtime + self.lora
 
 
 @dataclass
@@ -101,6 +103,8 @@ class Plan:
             "maxConcurrentSequences": self.max_concurrent_sequences,
             "suggestions": [s[:200] for s in self.suggestions[:3]],
         }
+        if self.overhead is not None and self.overhead.lora:
+            out["loraBytesPerGPU"] = self.overhead.lora
         if self.chosen:
             out["chosen"] = dict(self.chosen)
         return out
@@ -190,6 +194,7 @@ def _evaluate(
     kv_cache_memory_bytes: int | None,
     max_num_batched_tokens: int | None,
     max_num_seqs: int | None,
+    lora: LoraSpec | None = None,
 ) -> _Fit:
     config = facts.config
     geometry = arch.kv_geometry(config, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp)
@@ -202,6 +207,12 @@ def _evaluate(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs,
     )
+    if lora is not None:
+        overhead.lora = lora_memory(
+            config, max_loras=lora.max_loras, max_lora_rank=lora.max_lora_rank, tensor_parallel_size=tp,
+            max_num_batched_tokens=overhead.max_num_batched_tokens, max_num_seqs=overhead.max_num_seqs,
+            target_modules=lora.target_modules,
+        ).total_bytes  # fmt: skip
     budget = math.ceil(gpu_memory_bytes * utilization)
     if kv_cache_memory_bytes is not None:
         kv_room = kv_cache_memory_bytes  # vLLM's --kv-cache-memory-bytes skips the profiling arithmetic
@@ -285,8 +296,9 @@ def plan_from_facts(
     kv_cache_memory_bytes: int | None = None,
     max_num_batched_tokens: int | None = None,
     max_num_seqs: int | None = None,
+    lora: LoraSpec | None = None,
 ) -> Plan:
-    """Plan from already-read facts (see ``plan_model`` for the arguments)."""
+    """Plan from already-read facts (see ``plan_model`` for the arguments; ``lora``: the adapters' limits)."""
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpuMemoryUtilization must be in (0, 1], got {gpu_memory_utilization}")
     if isinstance(max_model_len, int) and max_model_len < 1:
@@ -352,7 +364,7 @@ def plan_from_facts(
             gpu_memory_bytes=memory, utilization=gpu_memory_utilization, tp=tp, kv_cache_dtype=kv_cache_dtype,
             max_model_len=max_model_len, block_size=block_size, enforce_eager=enforce_eager,
             kv_cache_memory_bytes=kv_cache_memory_bytes, max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
+            max_num_seqs=max_num_seqs, lora=lora,
         )  # fmt: skip
         args.update(override)
         w = args.pop("weights", weights)
@@ -486,6 +498,7 @@ def plan_model(
     enforce_eager: bool = False,
     block_size: int = arch.DEFAULT_GPU_BLOCK_SIZE,
     kv_cache_memory_bytes: int | None = None,
+    lora: LoraSpec | None = None,
 ) -> Plan:
     """Plan GPU memory for ``model`` (a Hub repo id or a local directory) before deploying it.
 
@@ -510,6 +523,7 @@ def plan_model(
         enforce_eager=enforce_eager,
         block_size=block_size,
         kv_cache_memory_bytes=kv_cache_memory_bytes,
+        lora=lora,
     )
 
 
@@ -530,7 +544,8 @@ def check_gpu_before_start(
     """Re-check the plan on the real GPUs (NVML) right before vLLM starts.
 
     ``settings`` are the spec fields as ``vllm_args.settings_from_flags`` returns them
-    (gpuMemoryUtilization, tensorParallelSize, maxModelLen, quantization, kvCacheDtype, enforceEager).
+    (gpuMemoryUtilization, tensorParallelSize, maxModelLen, quantization, kvCacheDtype, enforceEager;
+    enableLora, maxLoras, maxLoraRank with adapters).
     ``free_bytes``/``total_bytes`` are per visible GPU, as CUDA counts them: NVML v2
     ``nvmlDeviceGetMemoryInfo(h, version=nvmlMemory_v2)`` gives ``free`` and ``total - reserved``
     (NVML's plain total includes the driver's reservation, which vLLM never sees). Fails when a GPU has less free memory than
@@ -562,6 +577,8 @@ def check_gpu_before_start(
         tensor_parallel_size=tp,
         gpu_memory_utilization=utilization,
         enforce_eager=bool(settings.get("enforceEager")),
+        lora=LoraSpec(int(settings.get("maxLoras") or 1), int(settings.get("maxLoraRank") or 16))
+        if settings.get("enableLora") else None,
     )
     if plan.fits is False:
         return GpuCheck(False, plan.reason + ("; try: " + "; ".join(plan.suggestions) if plan.suggestions else ""), plan)
