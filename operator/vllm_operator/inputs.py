@@ -32,6 +32,10 @@ MAX_INPUT_BYTES = 2 * 1024 * 1024
 
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_TOO_DEEP = f"is nested more than {MAX_DEPTH} levels deep; no VLLMModel field is"
+# libyaml (0.2.5) refuses flow collections nested about 1,000 deep while scanning ahead for a key, before
+# it emits the events the depth check reads: the same refusal, said the same way.
+_LIBYAML_TOO_DEEP = "exceeded maximum nesting depth"
 
 
 class InputRefused(ValueError):
@@ -82,8 +86,11 @@ def load_documents(text: str, source: str) -> Iterator[Any]:
                 yield document
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
         problem = getattr(exc, "problem", None) or str(exc)
-        raise InputRefused(source, f"not valid YAML: {problem}", line=mark.line + 1 if mark else None) from exc
+        if problem == _LIBYAML_TOO_DEEP:  # libyaml's scanner looks ahead past MAX_DEPTH in flow style
+            raise InputRefused(source, _TOO_DEEP, line=line) from exc
+        raise InputRefused(source, f"not valid YAML: {problem}", line=line) from exc
     except ValueError as exc:  # e.g. an integer of more than 4,300 digits
         if isinstance(exc, InputRefused):
             raise
@@ -120,6 +127,6 @@ def _check_events(events: Iterator[yaml.Event], source: str) -> None:
             if not isinstance(event, yaml.ScalarEvent):
                 stack.append(_Open(mapping=isinstance(event, yaml.MappingStartEvent)))
                 if len(stack) > MAX_DEPTH:
-                    raise InputRefused(source, f"is nested more than {MAX_DEPTH} levels deep; no VLLMModel field is", line=line)
+                    raise InputRefused(source, _TOO_DEEP, line=line)
         elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
             stack.pop()
