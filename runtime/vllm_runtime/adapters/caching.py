@@ -62,13 +62,31 @@ def cache_adapter(opts: Any, entry: DesiredAdapter) -> dict[str, Any]:
     assert result.commit is not None
     snapshot = CacheLayout(opts.cache_dir).snapshot_dir(entry.model, result.commit)
     try:
-        facts = checks.read_adapter_facts(snapshot, entry.name)
+        facts = checks.read_adapter_facts(snapshot, entry.name, headers=False)  # the shapes are serve's check
     except errors.AdapterError as exc:
         return _failure(entry, revision, exc.reason, exc.message, exc.retryable)
     log.info("adapter %s: %s@%s cached and verified (rank %d, %d bytes)", entry.name, entry.model, result.commit,
              facts.rank, result.bytes or 0)
     return {"name": entry.name, "model": entry.model, "revision": revision, "commit": result.commit,
             "bytes": result.bytes, "rank": facts.rank}  # fmt: skip
+
+
+def describe_cached(result: summary.Summary, cache_dir: Path) -> None:
+    """A plain ``cache --model <adapter repo>`` (the operator's per-adapter cache Job): when the cached commit
+    is a LoRA adapter (adapter_config.json at its top level), add ``"adapter": {"rank", "targetModules",
+    "baseModel"}`` to the summary (or ``{"reason", "message"}`` when vLLM could not load it). No weight read."""
+    if not result.ok or not result.commit:
+        return
+    snapshot = CacheLayout(cache_dir).snapshot_dir(result.model, result.commit)
+    if not (snapshot / checks.CONFIG_FILE).is_file():
+        return
+    try:
+        facts = checks.read_adapter_facts(snapshot, result.model, headers=False)
+    except errors.AdapterError as exc:
+        result.extra["adapter"] = {"reason": exc.reason, "message": exc.message[:MESSAGE_CHARS]}
+        return
+    result.extra["adapter"] = {"rank": facts.rank, "targetModules": list(facts.target_modules)[:16],
+                               "baseModel": (facts.base_model or "")[:200] or None}  # fmt: skip
 
 
 def cache_adapters(opts: Any, entries: list[DesiredAdapter]) -> list[dict[str, Any]]:

@@ -68,8 +68,10 @@ def is_adapter_repo(paths: list[str]) -> bool:
     return CONFIG_FILE in paths
 
 
-def read_adapter_facts(directory: Path, adapter: str = "") -> AdapterFacts:
-    """Facts from adapter_config.json and the weights' header; typed errors for what vLLM could not load."""
+def read_adapter_facts(directory: Path, adapter: str = "", *, headers: bool = True) -> AdapterFacts:
+    """Facts from adapter_config.json and the weights' header; typed errors for what vLLM could not load.
+
+    ``headers=False`` opens no weight file at all (the cache's warm check): ``tensors`` stays empty."""
     who = adapter or str(directory)
     config = read_adapter_config(directory, adapter)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
@@ -86,7 +88,7 @@ def read_adapter_facts(directory: Path, adapter: str = "") -> AdapterFacts:
             who, f"{directory} has no {' or '.join(WEIGHT_FILES)}: the adapter repo must contain its weights"
         )
     tensors: dict[str, TensorSpec] = {}
-    if weights.endswith(".safetensors"):
+    if headers and weights.endswith(".safetensors"):
         try:
             tensors = read_local_header(directory / weights)
         except (ModelSourceError, OSError, ValueError) as exc:

@@ -283,7 +283,10 @@ class AdapterConverger:
                         state.loaded_key, state.rank = old.loaded_key, old.rank
                     fresh[entry.name] = state
             self._removed = [s for name, s in current.items() if name not in fresh and s.loaded_key is not None]
+            never_loaded = [name for name, s in current.items() if name not in fresh and s.loaded_key is None]
             self.states = fresh
+        for name in never_loaded:  # nothing to unload: its series goes now (loaded ones' after the unload)
+            self.metrics.adapter_removed(name)
         log.info("adapters file %s: %d adapter(s) desired (%s)", self.adapters_file, len(desired),
                  ", ".join(e.name for e in desired) or "none")
         return True

@@ -29,8 +29,9 @@ import yaml
 
 from vllm_runtime import layout
 
-# OpenAI model names as vLLM's router takes them; no slash so a name never looks like a repo id.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# The CRD's rule for spec.adapters[].name (crds/vllmmodel.yaml): what clients put in the OpenAI "model" field;
+# vLLM takes any lora_name, so the runtime accepts whatever the CRD lets through (a repo-like "org/name" too).
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9._:/]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def _entry_problem(
     where: str, name: str, model: str, commit: Any, served_names: tuple[str, ...], require_commit: bool = True
 ) -> str | None:
     if not NAME_PATTERN.match(name):
-        return f"{where}.name {name!r} must be 1-63 letters, digits, '.', '_' or '-' (it is the OpenAI model name)"
+        return (f"{where}.name {name!r} must be 1-128 letters, digits, '-', '.', '_', ':' or '/', starting with a "
+                "letter or digit (it is the OpenAI model name)")
     if name in served_names:
         return f"{where}.name {name!r} is the base model's served name: give the adapter its own name"
     if not model:
