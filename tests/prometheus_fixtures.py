@@ -5,8 +5,7 @@ end-to-end test and bench share: a vLLM that queues, a bounded load generator, t
 chart's PodMonitor would attach (``namespace``, ``model``, ``component``, ``pod``), keeps its TSDB in a
 temporary directory, waits for ``/-/ready`` with a bounded timeout and is stopped by ``stop()``.
 
-``saturable_server`` (session fixture, a pytest plugin: ``pytest_plugins = ["prometheus_fixtures"]``)
-serves the tiny model with ``--max-num-seqs 1`` so concurrent requests wait in vLLM's queue, and with
+``saturable_server`` (session fixture; conftest.py loads this module as a plugin) serves the tiny model with ``--max-num-seqs 1`` so concurrent requests wait in vLLM's queue, and with
 LoRA enabled so ``vllm:lora_requests_info`` is exported. One vLLM start for every module that uses it.
 """
 
@@ -45,7 +44,7 @@ POD_LABELS = {"namespace": MODEL_NAMESPACE, "model": MODEL_NAME, "component": "s
 
 # vLLM arguments of the saturable server: one sequence at a time, so the others wait; LoRA on.
 SATURABLE_VLLM_ARGS = (
-    "--max-model-len", "256", "--max-num-seqs", "1",
+    "--max-model-len", "256", "--max-num-seqs", "1", "--enforce-eager",
     "--enable-lora", "--max-loras", "1", "--max-lora-rank", "8",
 )  # fmt: skip
 
@@ -136,9 +135,10 @@ class PrometheusServer:
         path = (self.workdir or Path("/nonexistent")) / "prometheus.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
-        """``/api/v1/query`` at now: the instant vector's samples as (labels, value)."""
-        url = self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    def query(self, expr: str, *, at: float | None = None) -> list[tuple[dict[str, str], float]]:
+        """``/api/v1/query`` at ``at`` (Unix time; default now): the instant vector's samples as (labels, value)."""
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        url = self.url + "/api/v1/query?" + urllib.parse.urlencode(params)
         try:
             with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback
                 body = json.loads(resp.read())
@@ -151,17 +151,16 @@ class PrometheusServer:
             raise PrometheusError(f"query {expr!r} gave a {data['resultType']}, not an instant vector")
         return [(dict(r["metric"]), float(r["value"][1])) for r in data["result"]]
 
-    def scalar(self, expr: str) -> float | None:
+    def scalar(self, expr: str, *, at: float | None = None) -> float | None:
         """The one sample of ``expr`` (None when empty); ``PrometheusError`` when it has several."""
-        samples = self.query(expr)
+        samples = self.query(expr, at=at)
         if len(samples) > 1:
             raise PrometheusError(f"query {expr!r} gave {len(samples)} samples, expected one: {samples}")
         return samples[0][1] if samples else None
 
     def targets_up(self) -> bool:
-        return all(value == 1.0 for _, value in self.query('up{job="vllm-model"}')) and bool(
-            self.query('up{job="vllm-model"}')
-        )
+        up = self.query('up{job="vllm-model"}')
+        return bool(up) and all(value == 1.0 for _, value in up)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -225,6 +224,10 @@ class LoadGenerator:
             thread.start()
         return self
 
+    def stop_sending(self) -> None:
+        """Send no new requests; those in flight go on (``stop`` waits for them)."""
+        self._stop.set()
+
     def stop(self, timeout: float = 120.0) -> None:
         """Stop sending; waits for the requests in flight (each is bounded by max_tokens)."""
         self._stop.set()
@@ -255,9 +258,11 @@ def hpa_desired_replicas(*, current: int, value: float, target: float, tolerance
 
 @dataclass
 class StabilizedHpa:
-    """The HPA's stabilization windows (``behavior.scaleUp/scaleDown.stabilizationWindowSeconds``): a scale
-    down takes the HIGHEST recommendation of the last ``scale_down_window`` s, a scale up the LOWEST of
-    the last ``scale_up_window`` s; the result is bounded by min/max replicas."""
+    """The HPA's stabilization windows (``behavior.scaleUp/scaleDown.stabilizationWindowSeconds``) over
+    a stream of recommendations (``hpa_desired_replicas``): a scale down takes the HIGHEST
+    recommendation of the last ``scale_down_window`` s, a scale up the LOWEST of the last
+    ``scale_up_window`` s; the result is bounded by min/max replicas (the rate policies are left out:
+    the test's steps stay inside them)."""
 
     current: int
     min_replicas: int
@@ -267,15 +272,14 @@ class StabilizedHpa:
     clock: Callable[[], float] = time.monotonic
     recommendations: deque[tuple[float, int]] = field(default_factory=deque)
 
-    def observe(self, *, value: float, target: float) -> int:
+    def observe(self, recommended: int) -> int:
         now = self.clock()
-        recommended = hpa_desired_replicas(current=self.current, value=value, target=target)
         self.recommendations.append((now, recommended))
         longest = max(self.scale_up_window, self.scale_down_window)
         while self.recommendations and now - self.recommendations[0][0] > longest:
             self.recommendations.popleft()
-        up = [r for t, r in self.recommendations if now - t <= self.scale_up_window]
-        down = [r for t, r in self.recommendations if now - t <= self.scale_down_window]
+        up = [r for t, r in self.recommendations if now - t <= self.scale_up_window] or [recommended]
+        down = [r for t, r in self.recommendations if now - t <= self.scale_down_window] or [recommended]
         desired = self.current
         if recommended > self.current:
             desired = max(self.current, min(up))

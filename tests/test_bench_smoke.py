@@ -110,3 +110,35 @@ def test_scaling_model_shared_cache_pulls_once() -> None:
     one, eight = rows
     assert eight["shared"]["load"] > one["shared"]["load"]  # N readers share the volume's throughput
     assert eight["each"]["download"] >= one["each"]["download"]  # N clients share the cluster's egress
+
+
+def test_autoscaling_bench_runs_at_the_tiny_size(tmp_path: Path) -> None:
+    """bench/autoscaling_bench.py: the scrape timing and CPU accounting against the stand-in vLLM (the signal
+    latency needs real vLLM and is skipped, saying so); figures finite, the Markdown section from them."""
+    raw, section = tmp_path / "autoscaling.json", tmp_path / "autoscaling.md"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "autoscaling_bench.py"), "--size", "tiny", "--json", str(raw),
+         "--markdown", str(section), "--workdir", str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(raw.read_text())
+    assert "skipped" in results["signal"] and "full" in results["signal"]["skipped"]
+    idle = results["scrape"]["idle"]
+    runtime = idle["runtime"]
+    assert runtime["n"] == 30
+    assert 0 < runtime["p50_ms"] <= runtime["p90_ms"] <= runtime["p99_ms"] <= runtime["max_ms"]
+    assert idle["body_bytes"] > 0 and idle["window_s"] > 0
+    assert set(idle["cpu_during_s"]) == {"runtime", "vllm_api_server"}  # the fake vLLM found in serve's tree
+    assert math.isfinite(idle["extra_cpu_ms_per_scrape"]) and math.isfinite(idle["extra_cpu_core_share_at_interval"])
+    text = section.read_text()
+    assert "runtime /metrics, idle" in text and "prometheus" in text and results["machine"]["Commit"] in text
+
+
+def test_autoscaling_bench_percentile_matches_numpy_default() -> None:
+    from bench.autoscaling_bench import percentile
+
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([5.0, 1.0, 3.0], 0.99) == pytest.approx(4.96)
+    assert percentile([7.0], 0.99) == 7.0
+    assert math.isnan(percentile([], 0.5))

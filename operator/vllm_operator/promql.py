@@ -105,8 +105,13 @@ def _per_pod(metric: SignalMetric, series_with_matchers: str, group_by: str) -> 
 
 def per_pod_query(metric: str, *, namespace: str, model: str) -> str:
     """One series per server pod of the model (labels ``namespace``, ``pod``): each replica's signal."""
+    return per_pod_query_matching(metric, model_selector(namespace=namespace, model=model))
+
+
+def per_pod_query_matching(metric: str, selector: str) -> str:
+    """``per_pod_query`` with label matchers of one's own (``{...}``, e.g. a dashboard's variables)."""
     m = signal_metric(metric)
-    return _per_pod(m, m.vllm_series + model_selector(namespace=namespace, model=model), f"{NAMESPACE_LABEL}, {POD_LABEL}")
+    return _per_pod(m, m.vllm_series + selector, f"{NAMESPACE_LABEL}, {POD_LABEL}")
 
 
 def keda_query(metric: str, *, namespace: str, model: str) -> str:
@@ -121,8 +126,13 @@ def keda_query(metric: str, *, namespace: str, model: str) -> str:
 def average_per_replica_query(metric: str, *, namespace: str, model: str) -> str:
     """The signal averaged over the model's reporting pods: what the autoscaler compares with the target
     (for the dashboard's "scaling signal" panel and the alerts)."""
-    per_pod = per_pod_query(metric, namespace=namespace, model=model)
-    return f"avg({per_pod})"
+    return f"avg({per_pod_query(metric, namespace=namespace, model=model)})"
+
+
+def average_per_replica_query_matching(metric: str, selector: str) -> str:
+    """``average_per_replica_query`` over the pods ``selector`` matches (the dashboard's scaling-signal panel,
+    with its ``$namespace``/``$model`` variables)."""
+    return f"avg({per_pod_query_matching(metric, selector)})"
 
 
 def adapter_metric_name(metric: str) -> str:
