@@ -59,7 +59,7 @@ class MissingPrometheusAddress(ValueError):
     def __init__(self, model: VLLMModel) -> None:
         super().__init__(
             f"VLLMModel {model.namespace}/{model.name}: spec.autoscaling.engine keda needs a Prometheus URL: set "
-            "spec.autoscaling.serverAddress, or the chart value autoscaling.prometheusAddress "
+            "spec.autoscaling.serverAddress, or the chart value config.prometheusAddress "
             "(VLLM_OPERATOR_PROMETHEUS_ADDRESS)"
         )
 

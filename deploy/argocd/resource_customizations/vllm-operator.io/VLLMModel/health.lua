@@ -1,6 +1,7 @@
 -- Argo CD health check for VLLMModel (vllm-operator.io/v1alpha1).
 -- Healthy: the operator has seen the current spec (observedGeneration) and the Ready condition is True.
 -- Degraded: the Failed condition is True (a failure blocks progress; its message names the fix).
+-- Suspended: scaled to zero (phase Idle, by the autoscaler or by hand): nothing is wrong, nothing runs.
 -- Progressing: no status yet, a status older than the spec, or caching/loading under way.
 local hs = {}
 if obj.status == nil then
@@ -54,6 +55,11 @@ end
 if obj.status.phase == "Failed" then
   hs.status = "Degraded"
   hs.message = obj.status.message or "Failed"
+  return hs
+end
+if obj.status.phase == "Idle" then
+  hs.status = "Suspended"
+  hs.message = describe(ready, "Idle")
   return hs
 end
 if ready ~= nil and ready.status == "True" then
