@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: run 
 ALERTS = {
     "VLLMModelNotReady", "VLLMModelFailed", "VLLMModelNotStarted", "VLLMModelCacheStalled", "VLLMModelCacheRetrying",
     "VLLMModelCacheVerificationFailed", "VLLMModelGPUMemoryNearFull", "VLLMModelKVCacheSaturated",
-    "VLLMModelRequestsQueueing", "VLLMOperatorReconcileErrors",
+    "VLLMModelRequestsQueueing", "VLLMOperatorReconcileErrors", "VLLMModelAtMaxReplicas",
+    "VLLMModelQueueGrowingWhileNotScaling", "VLLMModelAdapterNotLoaded",
 }  # fmt: skip
 
 
@@ -40,7 +41,7 @@ def _promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_promtool_checks_the_rules(rules_dir: Path) -> None:
     result = _promtool("check", "rules", "rules.yaml", cwd=rules_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout + result.stderr
+    assert "SUCCESS: 13 rules found" in result.stdout + result.stderr
 
 
 def test_promtool_unit_tests_pass(rules_dir: Path) -> None:
@@ -69,6 +70,36 @@ def test_unit_tests_catch_a_broken_threshold(rules_dir: Path, tmp_path: Path) ->
     shutil.copy(UNIT_TESTS, tmp_path / UNIT_TESTS.name)
     result = _promtool("test", "rules", UNIT_TESTS.name, cwd=tmp_path)
     assert result.returncode != 0 and "VLLMModelGPUMemoryNearFull" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "alert"),
+    [
+        ({"atMaxReplicasFor": "5m"}, "VLLMModelAtMaxReplicas"),  # the 10-minute peak would alert
+        ({"queueGrowingAbove": 20}, "VLLMModelQueueGrowingWhileNotScaling"),  # "stuck" (16 waiting) would not
+        ({"adapterNotLoadedFor": "20m"}, "VLLMModelAdapterNotLoaded"),  # "sql" would not alert by 12m
+    ],
+)
+def test_autoscaling_alert_tests_catch_a_changed_rule(tmp_path: Path, values: dict[str, object], alert: str) -> None:
+    rule_values = {**VALUE_SETS["monitoring"]["prometheusRule"], **values}
+    rule = one(render_objects({**VALUE_SETS["monitoring"], "prometheusRule": rule_values}), "PrometheusRule")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    shutil.copy(UNIT_TESTS, tmp_path / UNIT_TESTS.name)
+    result = _promtool("test", "rules", UNIT_TESTS.name, cwd=tmp_path)
+    assert result.returncode != 0 and alert in result.stdout + result.stderr
+
+
+def test_queue_alert_needs_the_ready_pods_clause(rules_dir: Path, tmp_path: Path) -> None:
+    """Without "no more ready pods than a window ago", the model that scales would alert too."""
+    rules = yaml.safe_load((rules_dir / "rules.yaml").read_text())
+    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "VLLMModelQueueGrowingWhileNotScaling"]
+    clauses = rule["expr"].split(" and on (namespace, model) ")
+    assert len(clauses) == 4 and "offset 10m" in clauses[2]
+    rule["expr"] = " and on (namespace, model) ".join(clauses[:2] + clauses[3:])
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
+    shutil.copy(UNIT_TESTS, tmp_path / UNIT_TESTS.name)
+    result = _promtool("test", "rules", UNIT_TESTS.name, cwd=tmp_path)
+    assert result.returncode != 0 and "scaling" in result.stdout + result.stderr
 
 
 def test_rules_are_off_unless_asked_for() -> None:

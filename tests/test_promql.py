@@ -16,6 +16,7 @@ import yaml
 from vllm_operator import promql
 
 SEL = '{namespace="llm",model="tiny",component="server"}'
+CHART = Path(__file__).parents[1] / "charts/vllm-operator"
 
 
 def test_model_selector_uses_the_monitors_relabelled_labels() -> None:
@@ -99,3 +100,83 @@ def test_every_query_parses_with_promtool(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(rules))
     done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- the chart's prometheus-adapter rules ------------------------------------------------------------
+
+
+def test_chart_adapter_rules_are_the_promql_modules() -> None:
+    """values.yaml carries the rules as values (a user may edit them); by default exactly promql.adapter_rules()."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["prometheusAdapter"]["enabled"] is False  # off by default
+    assert values["prometheusAdapter"]["rules"] == promql.adapter_rules()
+
+
+def test_chart_renders_the_adapter_rules_in_prometheus_adapters_config_format() -> None:
+    from chart_render import by_kind, render_objects
+
+    assert not [c for c in by_kind(render_objects(), "ConfigMap") if c["metadata"]["name"].endswith("-adapter-rules")]
+    objects = render_objects({"prometheusAdapter": {"enabled": True, "namespace": "monitoring"}})
+    (configmap,) = [c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"].endswith("-adapter-rules")]
+    assert configmap["metadata"]["namespace"] == "monitoring"  # where prometheus-adapter runs
+    config = yaml.safe_load(configmap["data"]["config.yaml"])  # prometheus-adapter's --config file
+    assert config == {"rules": promql.adapter_rules()}
+    # Every HPA metric name the operator can write is served by one rule.
+    served = {rule["name"]["as"] for rule in config["rules"]}
+    assert served == {promql.adapter_metric_name(m) for m in promql.METRICS}
+
+
+def test_dashboard_shows_desired_vs_current_replicas_and_the_scaling_signal() -> None:
+    import json
+
+    dashboard = json.loads((CHART / "files/dashboards/vllm-models.json").read_text())
+    panels = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dashboard["panels"]}
+    replicas = " ".join(panels["Replicas: desired vs current"])
+    for gauge in ("desired", "current", "max"):
+        assert f"vllm_operator_autoscaling_{gauge}_replicas" in replicas
+    server = '{namespace=~"$namespace", model="$model", component="server"}'
+    assert panels["Scaling signal per replica"] == [
+        promql.average_per_replica_query_matching(m, server) for m in ("queueDepth", "runningRequests", "kvCacheUsage")
+    ]
+    # The same per-pod signal as the ScaledObject's query, with the dashboard's variables for the model.
+    keda = promql.keda_query("queueDepth", namespace="NS", model="M")
+    assert panels["Scaling signal per replica"][0].removeprefix("avg(") == keda.removeprefix("sum(").replace(
+        '{namespace="NS",model="M",component="server"}', server)
+
+
+def test_operator_exports_the_replica_gauges_the_alerts_and_dashboard_read() -> None:
+    import prometheus_client
+
+    from vllm_operator import metrics
+    from vllm_runtime.metrics import parse_exposition
+
+    def gauges() -> dict[str, list[tuple[dict[str, str], float]]]:
+        samples = parse_exposition(prometheus_client.generate_latest().decode())
+        return {k: v for k, v in samples.items() if k.startswith("vllm_operator_autoscaling_")}
+
+    summary = {"engine": "keda", "minReplicas": 1, "maxReplicas": 4, "desiredReplicas": 3, "currentReplicas": 2}
+    metrics.set_autoscaling("llm", "chat", summary)
+    metrics.set_autoscaling("llm", "plain", None)  # no autoscaling: no series
+    labels = {"namespace": "llm", "model": "chat"}
+    assert gauges() == {
+        "vllm_operator_autoscaling_desired_replicas": [(labels, 3.0)],
+        "vllm_operator_autoscaling_current_replicas": [(labels, 2.0)],
+        "vllm_operator_autoscaling_min_replicas": [(labels, 1.0)],
+        "vllm_operator_autoscaling_max_replicas": [(labels, 4.0)],
+    }
+    metrics.set_autoscaling("llm", "chat", {**summary, "desiredReplicas": 4})
+    assert gauges()["vllm_operator_autoscaling_desired_replicas"] == [(labels, 4.0)]
+    metrics.set_autoscaling("llm", "chat", None)  # autoscaling turned off: the series go
+    assert all(not v for v in gauges().values())
+    metrics.set_autoscaling("llm", "chat", summary)
+    metrics.forget("llm", "chat")  # the model deleted
+    assert all(not v for v in gauges().values())
+
+
+def test_operator_service_monitor_keeps_the_models_namespace_label() -> None:
+    """The replica gauges name the VLLMModel's namespace; Prometheus would rename it exported_namespace."""
+    from chart_render import VALUE_SETS, by_kind, render_objects
+
+    monitors = by_kind(render_objects(VALUE_SETS["monitoring"]), "ServiceMonitor")
+    (operator,) = [m for m in monitors if not m["metadata"]["name"].endswith("-models")]
+    assert [e["honorLabels"] for e in operator["spec"]["endpoints"]] == [True]

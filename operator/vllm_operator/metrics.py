@@ -7,12 +7,19 @@
 - ``vllm_operator_tracked_models``: models with per-model state in memory (falls back to 0 as models go)
 - ``vllm_operator_api_requests_total{verb,resource}``: requests the operator's own client made (kopf's
   watches are not counted here): get, list, apply, patch, create, delete; resource as plural[/subresource]
+- ``vllm_operator_autoscaling_{desired,current,min,max}_replicas{namespace,model}``: per VLLMModel with
+  ``spec.autoscaling``, from its ``status.autoscaling`` as last reconciled: the autoscaler's ``spec.replicas``
+  (desired), the Deployment's pods (current) and the bounds. The chart's alerts "at maxReplicas" and
+  "queue growing while not scaling" read them beside vLLM's queue (same ``namespace``/``model`` labels; the
+  operator's ServiceMonitor honours them). Not kube-state-metrics: it knows nothing of a VLLMModel without
+  a custom-resource config, and its HPA series name KEDA's HPA ``keda-hpa-<name>``, not the model.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter as _Tally
+from collections.abc import Mapping
 from typing import Any
 
 import prometheus_client
@@ -35,7 +42,19 @@ API_REQUESTS = Counter(
     "vllm_operator_api_requests", "Kubernetes API requests made by the operator's client", ["verb", "resource"]
 )
 
+AUTOSCALING_FIELDS = {
+    "desired": ("desiredReplicas", "Replicas the autoscaler asks for (the VLLMModel's spec.replicas)"),
+    "current": ("currentReplicas", "Pods of the VLLMModel's Deployment"),
+    "min": ("minReplicas", "spec.autoscaling.minReplicas"),
+    "max": ("maxReplicas", "spec.autoscaling.maxReplicas"),
+}
+AUTOSCALING = {
+    kind: Gauge(f"vllm_operator_autoscaling_{kind}_replicas", doc, ["namespace", "model"])
+    for kind, (_, doc) in AUTOSCALING_FIELDS.items()
+}
+
 _phases: dict[tuple[str, str], str] = {}
+_autoscaled: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 
 for _phase in PHASES:
@@ -79,8 +98,56 @@ def set_phase(namespace: str, name: str, phase: str | None) -> None:
         _publish()
 
 
+def set_autoscaling(namespace: str, name: str, summary: Mapping[str, Any] | None) -> None:
+    """Publish a model's ``status.autoscaling`` (None or empty: the model does not autoscale; its series go)."""
+    with _lock:
+        if not summary:
+            if (namespace, name) in _autoscaled:
+                _autoscaled.discard((namespace, name))
+                for gauge in AUTOSCALING.values():
+                    gauge.remove(namespace, name)
+            return
+        _autoscaled.add((namespace, name))
+        for kind, (field, _) in AUTOSCALING_FIELDS.items():
+            AUTOSCALING[kind].labels(namespace=namespace, model=name).set(float(summary.get(field) or 0))
+
+
 def forget(namespace: str, name: str) -> None:
     set_phase(namespace, name, None)
+    set_adapters(namespace, name, None)
+    set_autoscaling(namespace, name, None)
+
+
+# spec.adapters, per adapter: the model's ready replicas, and those whose runtime reported the adapter loaded at
+# its published commit (a replica that did not answer is not counted as loaded). The alert "adapter not loaded
+# on all replicas" compares them.
+ADAPTER_LOADED = Gauge(
+    "vllm_operator_adapter_replicas_loaded", "Ready replicas with the LoRA adapter loaded at its published commit",
+    ["namespace", "model", "adapter"],
+)
+ADAPTER_READY = Gauge(
+    "vllm_operator_adapter_replicas_ready", "Ready replicas of the model serving the LoRA adapter",
+    ["namespace", "model", "adapter"],
+)
+_adapters: dict[tuple[str, str], set[str]] = {}
+
+
+def set_adapters(namespace: str, name: str, adapters: Any) -> None:
+    """Publish ``status.adapters`` (None or absent: the model has none, or is gone)."""
+    entries = [a for a in adapters or [] if isinstance(a, dict) and a.get("name")]
+    with _lock:
+        now = {str(a["name"]) for a in entries}
+        for gone in _adapters.pop((namespace, name), set()) - now:
+            for gauge in (ADAPTER_LOADED, ADAPTER_READY):
+                try:
+                    gauge.remove(namespace, name, gone)
+                except KeyError:
+                    pass
+        for a in entries:
+            ADAPTER_LOADED.labels(namespace, name, str(a["name"])).set(int(a.get("loadedReplicas") or 0))
+            ADAPTER_READY.labels(namespace, name, str(a["name"])).set(int(a.get("readyReplicas") or 0))
+        if now:
+            _adapters[(namespace, name)] = now
 
 
 def _publish() -> None:

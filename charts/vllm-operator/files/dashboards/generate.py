@@ -2,14 +2,17 @@
 
     python charts/vllm-operator/files/dashboards/generate.py
 
-Per model (a row repeated for each selected model): readiness and start-up phases, load, KV cache, GPU memory,
-the weight cache and its download; on top, the operator's reconciles. Queries use the `model` and `component`
+Per model (a row repeated for each selected model): readiness and start-up phases, load, KV cache, autoscaling
+(desired vs current replicas, the scaling signal), GPU memory, the weight cache and its download; on top, the
+operator's reconciles. Queries use the `model` and `component`
 labels that the chart's PodMonitor/ServiceMonitor add.
 """
 
 import json
 import sys
 from pathlib import Path
+
+from vllm_operator import promql  # the autoscaling queries: the dashboard shows what the autoscaler reads
 DS = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'namespace=~"$namespace", model="$model"'
 panels = []
@@ -83,6 +86,42 @@ panel("timeseries", "Tokens per second", [(f"sum(rate(vllm:prompt_tokens_total{{
                                           (f"sum(rate(vllm:generation_tokens_total{{{SEL}}}[$__rate_interval]))", "generation")], 8, 8, 7, unit="short")
 panel("timeseries", "KV cache usage", [(f"max by (pod) (vllm:kv_cache_usage_perc{{{SEL}}})", "{{pod}}")], 16, 8, 7, unit="percentunit",
       extra={"fieldConfig": {"defaults": {"unit": "percentunit", "min": 0, "max": 1}, "overrides": []}})
+y[0] += 7
+# Autoscaling (spec.autoscaling): the replicas the autoscaler asks for against those there are, and the signal it
+# scales on, per replica, with the very queries of vllm_operator.promql (the ScaledObject's and the adapter's).
+SERVER = '{' + SEL + ', component="server"}'
+panel("timeseries", "Replicas: desired vs current", [
+    (f"max(vllm_operator_autoscaling_desired_replicas{{{SEL}}})", "desired (autoscaler)"),
+    (f"max(vllm_operator_autoscaling_current_replicas{{{SEL}}})", "current (Deployment)"),
+    (f"sum(max by (pod) (vllm_runtime_ready{SERVER}))", "ready"),
+    (f"max(vllm_operator_autoscaling_max_replicas{{{SEL}}})", "maxReplicas"),
+    (f"max(vllm_operator_autoscaling_min_replicas{{{SEL}}})", "minReplicas")], 0, 12, 7, unit="short",
+      desc="spec.autoscaling: the autoscaler's spec.replicas (desired), the Deployment's pods (current), ready pods, and "
+           "the bounds. Empty for a model without autoscaling.")
+panel("timeseries", "Scaling signal per replica", [
+    (promql.average_per_replica_query_matching("queueDepth", SERVER), "queueDepth (waiting)"),
+    (promql.average_per_replica_query_matching("runningRequests", SERVER), "runningRequests (running)"),
+    (promql.average_per_replica_query_matching("kvCacheUsage", SERVER), "kvCacheUsage (fraction)")], 12, 12, 7, unit="short",
+      desc="What the autoscaler compares with spec.autoscaling.target, per replica: vLLM's signal per pod (engines "
+           "added up, a fraction averaged), averaged over the model's pods.")
+y[0] += 7
+# LoRA adapters (spec.adapters): on how many ready replicas each adapter is loaded (the operator's gauges, what the
+# alert VLLMModelAdapterNotLoaded compares), the runtime's loads and failures, and vLLM's own adapter gauge.
+panel("timeseries", "LoRA adapters: loaded / ready replicas", [
+    (f"max by (adapter) (vllm_operator_adapter_replicas_loaded{{{SEL}}})", "{{adapter}} loaded"),
+    (f"max by (adapter) (vllm_operator_adapter_replicas_ready{{{SEL}}})", "{{adapter}} ready replicas")], 0, 8, 7,
+      unit="short", desc="spec.adapters: per adapter, the ready replicas whose runtime reports it loaded at its "
+      "published commit, and the ready replicas. Below ready for long: see the AdaptersReady condition.")
+panel("timeseries", "LoRA adapter loads: p95 time, failures", [
+    (f"histogram_quantile(0.95, sum by (le, adapter) (rate(vllm_runtime_adapter_load_seconds_bucket{{{SEL}}}[$__rate_interval])))",
+     "{{adapter}} load p95 (s)"),
+    (f"sum by (adapter, reason) (increase(vllm_runtime_adapter_load_failures_total{{{SEL}}}[$__rate_interval]))",
+     "{{adapter}} failed: {{reason}}")], 8, 8, 7, unit="short",
+      desc="Loads into the running vLLM (no restart) and failed loads by reason (AdapterRankTooHigh, ...).")
+panel("timeseries", "LoRA adapters loaded per pod", [
+    (f"max by (pod, adapter) (vllm_runtime_adapter_loaded{{{SEL}}})", "{{pod}} {{adapter}}")], 16, 8, 7, unit="short",
+      desc="The runtime's own view (1: loaded at the desired commit). vLLM's vllm:lora_requests_info (the adapters of "
+      "running and waiting requests) is relayed unchanged on the same scrape for ad-hoc queries.")
 y[0] += 7
 panel("timeseries", "GPU memory", [(f"sum by (pod, gpu) (vllm_runtime_gpu_memory_used_bytes{{{SEL}}})", "used {{pod}} gpu {{gpu}}"),
                                    (f"sum by (pod, gpu) (vllm_runtime_gpu_memory_total_bytes{{{SEL}}})", "total {{pod}} gpu {{gpu}}")], 0, 12, 7, unit="bytes",
