@@ -100,6 +100,7 @@ class ServeProcess:
     log_path: Path
     vllm_args: Sequence[str] = DEFAULT_VLLM_ARGS
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    serve_args: Sequence[str] = ()  # serve's own flags (e.g. --adapters-file), before ``--``
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -122,7 +123,7 @@ class ServeProcess:
             *RUNTIME, "serve", "--model", self.model, "--revision", self.revision,
             "--cache-dir", str(self.cache_dir), "--host", "127.0.0.1", "--port", str(self.port),
             "--metrics-port", str(self.metrics_port), "--termination-message-path", str(self.termination_path),
-            "--", *self.vllm_args,
+            *self.serve_args, "--", *self.vllm_args,
         ]  # fmt: skip
 
     def start(self) -> ServeProcess:
