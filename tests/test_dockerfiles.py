@@ -208,4 +208,4 @@ def test_the_runtime_needs_neither_kopf_nor_the_dev_tools() -> None:
     ]))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     commands = set(result.stdout.strip().strip("[]").replace("'", "").split(", "))
-    assert {"cache", "serve", "plan", "ls", "rm", "gc"} <= commands and "demo" not in commands
+    assert {"cache", "serve", "sibling", "plan", "ls", "rm", "gc"} <= commands and "demo" not in commands

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES = (
     "vllm_runtime.cache",  # cache
     "vllm_runtime.serve",  # serve
+    "vllm_runtime.sibling_server",  # sibling: serve this volume's verified files to peer replicas
     "vllm_runtime.planner.cli",  # plan
     "vllm_runtime.manage",  # ls, rm, gc
     "vllm_runtime.demo",  # demo: the whole pod path on this machine

@@ -290,6 +290,11 @@ class ServeMetrics:
         self.cache_verification_seconds = Gauge(
             "vllm_runtime_cache_verification_seconds", "Seconds the cache spent verifying sha256 (manifest)", registry=r
         )
+        self.cache_source_bytes = Gauge(
+            "vllm_runtime_cache_source_bytes",
+            "File bytes of the cached model by where the run that filled the volume got them (hub or sibling; "
+            "manifest)", ["source"], registry=r,
+        )
         self.vllm_metrics_up = Gauge(
             "vllm_runtime_vllm_metrics_up", "1 when the last relay of vLLM's /metrics succeeded", registry=r
         )
@@ -348,6 +353,12 @@ class ServeMetrics:
         ):
             if isinstance(value, int | float) and not isinstance(value, bool):
                 gauge.set(value)
+        sources = manifest.get("sources")
+        if isinstance(sources, dict):
+            for source, key in (("hub", "hubBytes"), ("sibling", "siblingBytes")):
+                value = sources.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    self.cache_source_bytes.labels(source=source).set(value)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -52,6 +52,8 @@ from typing import IO, Any
 from vllm_runtime import failures, layout, summary, vllm_args
 from vllm_runtime.adapters import serving as adapters_args
 from vllm_runtime.adapters.settings import LoraSettings
+from vllm_runtime.sibling_server import SiblingServer
+from vllm_runtime.sibling_server import add_server_arguments as add_sibling_server_arguments
 from vllm_runtime.metrics import (
     GpuMemory,
     MetricsHTTPServer,
@@ -600,7 +602,7 @@ class Supervisor:
         pump = threading.Thread(target=self._pump, name="vllm-output", daemon=True)
         pump.start()
         threading.Thread(target=self._probe_loop, name="readiness", daemon=True).start()
-        code = self.proc.wait()
+        code = self._wait_for_vllm()
         pump.join(timeout=10)
         self._stop_event.set()
         self.ready = False
@@ -611,6 +613,17 @@ class Supervisor:
             log.error("vLLM failed (%s): %s", self.failure.reason, self.failure.message)
         self.write_status()
         return self.exit_code
+
+    def _wait_for_vllm(self) -> int:
+        """vLLM's exit status, waited for in short slices: Python runs a signal handler only when the main
+        thread runs Python code, and a plain waitpid() would hold it until vLLM exits if the kernel hands
+        SIGTERM to another of serve's threads (the drain would then start only when vLLM is gone)."""
+        assert self.proc is not None
+        while True:
+            try:
+                return self.proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -753,6 +766,11 @@ def register(subparsers: Any) -> None:
         help="start vLLM even when the memory planner says the model does not fit the free memory of the "
         f"visible GPUs (NVML); default from {SKIP_MEMORY_CHECK_ENV}=1, which a VLLMModel can set in spec.env",
     )
+    p.add_argument("--sibling-port", type=int, default=0,
+                   help="also serve the verified cache read-only to peer replicas filling theirs (the Hub's download "
+                   "protocol) on this port; 0: off (default)")
+    p.add_argument("--sibling-host", default="0.0.0.0", help="the sibling server's listen address")  # noqa: S104
+    add_sibling_server_arguments(p, prefix="sibling-")
     adapters_args.register_serve_arguments(p)
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then arguments for vLLM")
     p.set_defaults(func=run)
@@ -850,6 +868,7 @@ def run(args: argparse.Namespace) -> int:
         is_ready=lambda: supervisor.ready if supervisor else False,
         status=supervisor.status,
     ).start()
+    siblings = _start_sibling_server(args, plan.manifest, cache_dir, metrics)
     converger = adapters_args.start_converger(args, plan, lora, cache_dir, supervisor, metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, supervisor.forward_stop)
@@ -861,6 +880,8 @@ def run(args: argparse.Namespace) -> int:
         if converger is not None:
             converger.stop()
         http.stop()
+        if siblings is not None:
+            siblings.stop()
         if lease:
             lease.release()
 
@@ -877,6 +898,26 @@ def run(args: argparse.Namespace) -> int:
         done.reason, done.message, done.retryable = supervisor.failure.reason, supervisor.failure.message, False
     summary.write_termination_message(done, args.termination_message_path)
     return code
+
+
+def _start_sibling_server(
+    args: argparse.Namespace, manifest: dict[str, Any] | None, cache_dir: Path | None, metrics: ServeMetrics
+) -> SiblingServer | None:
+    """With ``--sibling-port``: serve the model's verified cache to peer replicas filling theirs (read-only)."""
+    if not args.sibling_port:
+        return None
+    if manifest is None or cache_dir is None:
+        log.info("--sibling-port ignored: %s is not served from a verified cache of this volume", args.model)
+        return None
+    try:
+        return SiblingServer(
+            cache_dir, host=args.sibling_host, port=args.sibling_port, repos=[str(manifest["repoId"])],
+            max_transfers=args.sibling_max_transfers, rate_limit=args.sibling_rate_limit, registry=metrics.registry,
+        ).start()
+    except OSError as error:  # serving the model matters more than seeding others
+        log.warning("cannot serve the cache to siblings on :%d (%s); serving the model without it",
+                    args.sibling_port, error)
+        return None
 
 
 def _lora_settings(args: argparse.Namespace, cache_dir: Path | None) -> LoraSettings | None:

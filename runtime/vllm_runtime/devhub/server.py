@@ -25,6 +25,7 @@ dependency to the runtime image.
 
     python -m vllm_runtime.devhub.server --repo org/name=DIR [--gated org/name=TOKEN] [--port N]
     python -m vllm_runtime.devhub.server --tiny org/tiny --port 8765     # generate and serve a tiny model
+    python -m vllm_runtime.devhub.server --tiny org/tiny --tiny-adapter org/tiny-lora   # ... and a LoRA adapter
 
 In Python::
 
@@ -52,6 +53,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from vllm_runtime.hubproto import RangeNotSatisfiable, file_headers, parse_range
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +210,9 @@ class DevHub:
         self.redirect_lfs = redirect_lfs
         # Slows file bodies down (bytes per second per request); None: as fast as the disk allows.
         self.throttle_bytes_per_second: int | None = None
+        # Caps all file bodies together (bytes per second), like a Hub or egress link shared by every client.
+        self.rate_limit_bytes_per_second: int | None = None
+        self._pacer = _Pacer()
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
         self.requests: list[RequestRecord] = []
@@ -344,7 +350,21 @@ class DevHub:
 _API_RE = re.compile(r"^/api/models/(?P<org>[^/]+)/(?P<name>[^/]+)(?:/(?P<op>revision|tree)/(?P<rest>.+))?$")
 _RESOLVE_RE = re.compile(r"^/(?P<org>[^/]+)/(?P<name>[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 _CDN_RE = re.compile(r"^/cdn-lfs/(?P<sha>[0-9a-f]{64})/(?P<file>.+)$")
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class _Pacer:
+    """One virtual clock shared by every transfer: together they send at most ``rate`` bytes per second."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def reserve(self, n: int, rate: int) -> float:
+        """Account ``n`` bytes just sent; returns how long the sender must wait before its next chunk."""
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(self._next, now - 0.05) + n / rate  # at most 50 ms of credit for an idle link
+            return self._next - now
 
 
 class _HubHandler(BaseHTTPRequestHandler):
@@ -530,37 +550,17 @@ class _HubHandler(BaseHTTPRequestHandler):
         raise HubError(404, None, "no such object")
 
     def _serve_file(self, method: str, entry: RepoFile, extra: dict[str, str], fault: Fault | None) -> None:
-        filename = entry.path
-        start, end = 0, entry.size - 1
-        status = 200
-        range_header = self.headers.get("Range")
-        if range_header and entry.size:
-            rm = _RANGE_RE.match(range_header.strip())
-            if rm is None or (not rm[1] and not rm[2]):
-                raise HubError(416, None, "bad range", {"Content-Range": f"bytes */{entry.size}"})
-            if rm[1]:
-                start = int(rm[1])
-                end = min(int(rm[2]), entry.size - 1) if rm[2] else entry.size - 1
-            else:  # suffix range: the last N bytes
-                start = max(entry.size - int(rm[2]), 0)
-            if start >= entry.size or start > end:
-                raise HubError(416, None, "range not satisfiable", {"Content-Range": f"bytes */{entry.size}"})
-            status = 206
-        length = end - start + 1 if entry.size else 0
+        try:
+            start, end, partial = parse_range(self.headers.get("Range"), entry.size)
+        except RangeNotSatisfiable as err:
+            raise HubError(416, None, str(err), err.headers) from None
         headers = {
             **extra,
-            "ETag": f'"{entry.etag}"',
-            "Accept-Ranges": "bytes",
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(length),
-            "Content-Disposition": f'inline; filename="{filename.rsplit("/", 1)[-1]}"',
+            **file_headers(size=entry.size, start=start, end=end, partial=partial, etag=entry.etag,
+                           filename=entry.path, lfs_sha256=entry.sha256 if entry.lfs else None),
         }
-        if entry.lfs:
-            headers["X-Linked-Etag"] = f'"{entry.sha256}"'
-            headers["X-Linked-Size"] = str(entry.size)
-        if status == 206:
-            headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
-        self._start_response(status, headers)
+        self._start_response(206 if partial else 200, headers)
+        length = end - start + 1 if entry.size else 0
         if method == "GET" and length:
             self._send_body(entry.source, start, length, fault)
 
@@ -568,7 +568,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         throttle = self.hub.throttle_bytes_per_second
         with source.open("rb") as f:
             f.seek(start)
-            if fault is None and throttle is None:
+            if fault is None and throttle is None and self.hub.rate_limit_bytes_per_second is None:
                 self.wfile.flush()
                 self._sent += self.connection.sendfile(f, start, length)
                 return
@@ -577,6 +577,9 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _send_chunks(self, f: BinaryIO, length: int, fault: Fault | None, throttle: int | None) -> None:
         cut = fault.after_bytes if fault is not None and fault.kind in ("stall", "truncate") else None
         chunk_size = min(CHUNK, max(throttle // 10, 4096)) if throttle else CHUNK
+        shared_rate = self.hub.rate_limit_bytes_per_second
+        if shared_rate:
+            chunk_size = min(chunk_size, max(shared_rate // 50, 4096))
         began = time.monotonic()
         remaining = length
         while remaining > 0:
@@ -596,6 +599,10 @@ class _HubHandler(BaseHTTPRequestHandler):
             remaining -= len(chunk)
             if throttle and remaining > 0:
                 ahead = self._sent / throttle - (time.monotonic() - began)
+                if ahead > 0 and self.hub._stopping.wait(ahead):
+                    break
+            if shared_rate and remaining > 0:
+                ahead = self.hub._pacer.reserve(len(chunk), shared_rate)
                 if ahead > 0 and self.hub._stopping.wait(ahead):
                     break
         self.wfile.flush()
@@ -670,17 +677,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", action="append", default=[], metavar="ORG/NAME=DIR", help="serve DIR as ORG/NAME")
     parser.add_argument("--tiny", action="append", default=[], metavar="ORG/NAME",
                         help="generate a tiny model into a temporary directory and serve it")
+    parser.add_argument("--tiny-adapter", action="append", default=[], metavar="ORG/NAME",
+                        help="generate a tiny LoRA adapter for the tiny model at two revisions (tags v1, v2; "
+                        "main = v2) and serve it")
     parser.add_argument("--gated", action="append", default=[], metavar="ORG/NAME=TOKEN",
                         help="make a repo gated: files need 'Authorization: Bearer TOKEN'")
     parser.add_argument("--tag", action="append", default=[], metavar="ORG/NAME=TAG", help="tag main's commit")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     parser.add_argument("--throttle", type=int, help="bytes per second per file transfer")
+    parser.add_argument("--rate-limit", type=int, help="bytes per second of all file transfers together")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     hub = DevHub(args.host, args.port)
     hub.throttle_bytes_per_second = args.throttle
+    hub.rate_limit_bytes_per_second = args.rate_limit
     repos = dict(_parse_pairs(args.repo, "--repo"))
     if args.tiny:
         import tempfile
@@ -694,6 +706,15 @@ def main(argv: list[str] | None = None) -> int:
     for repo_id, directory in repos.items():
         commit = hub.add_repo(repo_id, directory, gated=repo_id in gated, token=gated.get(repo_id))
         print(f"{repo_id}: main -> {commit}{' (gated)' if repo_id in gated else ''}", flush=True)
+    if args.tiny_adapter:
+        import tempfile
+
+        from vllm_runtime.devhub import tiny_adapter
+
+        scratch = Path(tempfile.mkdtemp(prefix="devhub-adapters-"))
+        for i, repo_id in enumerate(args.tiny_adapter):
+            commits = tiny_adapter.publish(hub, repo_id, scratch, seeds=(10 * i + 1, 10 * i + 2))
+            print(f"{repo_id}: v1 -> {commits[0]}, v2 = main -> {commits[1]} (LoRA adapter)", flush=True)
     for repo_id, tag in _parse_pairs(args.tag, "--tag"):
         hub.create_tag(repo_id, tag, hub.repos[repo_id].branches["main"])
     hub.start()
