@@ -691,13 +691,17 @@ async def scenario_cycles(side: Side, opts: Options, workdir: Path) -> dict[str,
 RUNNERS = {"load": scenario_load, "cycles": scenario_cycles}
 
 
-async def run_sides(sides: list[Side], opts: Options, scenarios: list[str], workdir: Path) -> dict[str, Any]:
-    """Each scenario for every side, the order alternating per scenario; results by side label."""
+async def run_sides(sides: list[Side], opts: Options, scenarios: list[str], workdir: Path,
+                    baseline_scenarios: Iterable[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Each scenario for every side (the baseline only runs ``baseline_scenarios``, all when None), the
+    order alternating per scenario; results by side label."""
     results: dict[str, dict[str, Any]] = {side.label: {} for side in sides}
     order: list[str] = []
     timings: dict[str, float] = {}
     for i, name in enumerate(scenarios):
         for side in sides if i % 2 == 0 else list(reversed(sides)):
+            if side.label == "baseline" and baseline_scenarios is not None and name not in baseline_scenarios:
+                continue
             order.append(f"{name}:{side.label}")
             print(f"   operator bench: {name} on {side.describe()} ...", file=sys.stderr, flush=True)
             t0 = time.monotonic()
@@ -710,7 +714,8 @@ async def run_sides(sides: list[Side], opts: Options, scenarios: list[str], work
 
 def run(size: str = "tiny", workdir: Path | None = None, tracemalloc: Path | None = None,
         reconcile_interval: float | None = None, *, baseline: str | None = None,
-        scenarios: Iterable[str] = SCENARIOS, **overrides: Any) -> dict[str, Any]:  # fmt: skip
+        scenarios: Iterable[str] = SCENARIOS, baseline_scenarios: Iterable[str] | None = None,
+        **overrides: Any) -> dict[str, Any]:  # fmt: skip
     """Run the scenarios on the current checkout (and on ``baseline``'s code); a JSON-able report.
 
     The current side's scenario results are at the top level (``latency``, ``burst``, ``memory``,
@@ -727,7 +732,8 @@ def run(size: str = "tiny", workdir: Path | None = None, tracemalloc: Path | Non
         sides = [current_side()]
         if baseline:
             sides.insert(0, stack.enter_context(baseline_side(baseline, workdir)))
-        ran = asyncio.run(run_sides(sides, opts, chosen, workdir))
+        only = None if baseline_scenarios is None else set(baseline_scenarios)
+        ran = asyncio.run(run_sides(sides, opts, chosen, workdir, only))
     by_label = ran["results"]
     flat = {label: _flatten(by_label[label]) for label in by_label}
     ordered = [flat[s.label] for s in sides]
@@ -737,6 +743,7 @@ def run(size: str = "tiny", workdir: Path | None = None, tracemalloc: Path | Non
                  "in the parent process; both on this machine's cores; loopback HTTP",  # fmt: skip
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()},
         "scenarios": chosen,
+        "baseline_scenarios": chosen if baseline_scenarios is None else [c for c in chosen if c in set(baseline_scenarios)],
         **flat["current"],
         "sides": {s.label: {"ref": s.ref, "commit": s.commit, "dirty": s.dirty,
                             "imported_from": flat[s.label].get("imported_from")} for s in sides},  # fmt: skip
@@ -782,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("size", nargs="?", default="tiny", choices=sorted(SIZES))
     parser.add_argument("--baseline", metavar="REF", help="also run the code at this git ref, side by side")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    parser.add_argument("--baseline-scenarios", metavar="LIST",
+                        help="the scenarios the baseline runs too (default: all of --scenarios)")  # fmt: skip
     parser.add_argument("--latency-models", type=int, help="models created one at a time")
     parser.add_argument("--burst-models", type=int, help="models created at once")
     parser.add_argument("--cycles", type=int, help="create/delete cycles (full: 10,000)")
@@ -802,6 +811,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         parser.error(f"--scenarios: unknown {unknown}; choose from {', '.join(SCENARIOS)}")
+    baseline_scenarios = None
+    if args.baseline_scenarios is not None:
+        baseline_scenarios = [s.strip() for s in args.baseline_scenarios.split(",") if s.strip()]
+        if set(baseline_scenarios) - set(scenarios):
+            parser.error("--baseline-scenarios: each must be one of --scenarios")
     env = {}
     for item in args.env:
         key, sep, value = item.partition("=")
@@ -810,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         env[key] = value
     report = with_facts(run(
         args.size, args.workdir, args.tracemalloc, args.resync_interval, baseline=args.baseline,
-        scenarios=scenarios, latency_models=args.latency_models, burst_models=args.burst_models,
+        scenarios=scenarios, baseline_scenarios=baseline_scenarios, latency_models=args.latency_models, burst_models=args.burst_models,
         cycles=args.cycles, cycle_batch=args.cycle_batch, cycle_until=args.cycle_until, idle_window=args.idle_window, env=env or None,
     ), args.workdir)  # fmt: skip
     print(report["markdown"])
