@@ -5,10 +5,10 @@ build, one sequence at a time (``--max-num-seqs 1``, so concurrent requests queu
 ``prometheus`` on loopback scraping the runtime's ``/metrics`` every ``--scrape-interval`` s (5 s by
 default) with the labels the chart's PodMonitor writes. Then:
 
-- signal latency, ``--rounds`` times: from idle, a load of ``--concurrency`` requests starts at t0; the time
-  until vLLM's own ``/metrics`` shows the queue above the target ("queue formed"), and until the exact
-  query of the rendered KEDA ScaledObject, polled every 0.1 s through Prometheus's HTTP API, crosses the
-  per-replica target ("query crossed"). Goal: under 2 scrape intervals. KEDA's own polling (15 s, the
+- signal latency, ``--rounds`` times: from idle, a load of ``--concurrency`` requests starts at t0 (at
+  phases spread over one scrape interval); the time until vLLM's own ``/metrics`` shows the queue above the
+  target ("queue formed"), and until the exact query of the rendered KEDA ScaledObject, polled every 0.1 s
+  through Prometheus's HTTP API, crosses the per-replica target ("query crossed"). Goal: under 2 scrape intervals. KEDA's own polling (15 s, the
   operator's pollingInterval) and the HPA's sync period come on top in a cluster; they are not measured.
 - the scrape under load: with vLLM saturated, ``--scrapes`` sequential GETs of the runtime's ``/metrics``
   (runtime registry + vLLM's relayed), and as many of vLLM's own ``/metrics`` (what the relay costs on
@@ -30,6 +30,7 @@ import datetime
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -187,10 +188,17 @@ def vllm_waiting(api: str) -> float:
     return sum(v for _, v in samples.get("vllm:num_requests_waiting", []))
 
 
-def signal_round(prometheus: PrometheusServer, query: str, api: str, concurrency: int) -> dict[str, float]:
-    """One load from idle: seconds to the queue forming in vLLM and to the query crossing the target."""
+def signal_round(
+    prometheus: PrometheusServer, query: str, api: str, concurrency: int, phase: float
+) -> dict[str, float]:
+    """One load from idle: seconds to the queue forming in vLLM and to the query crossing the target.
+
+    ``phase`` (s): how long after idle is seen (just after a scrape) the load starts, so that the rounds
+    sample the scrape cycle instead of all starting right after a scrape (which would measure about one
+    whole interval every time)."""
     wait_until(lambda: (prometheus.scalar(query) or 0.0) == 0.0 and vllm_waiting(api) == 0.0, timeout=120,
                interval=POLL, what="idle before the round")  # fmt: skip
+    time.sleep(phase)
     load = LoadGenerator(api, MODEL, concurrency=concurrency, max_tokens=48, deadline_s=120)
     formed: float | None = None
     with load:
@@ -292,8 +300,10 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, 
         try:
             wait_until(prometheus.targets_up, timeout=60, what="prometheus scraping the runtime")
             rounds = []
+            phases = random.Random(11).sample(range(args.rounds), args.rounds)  # spread over one interval
             for n in range(args.rounds):
-                rounds.append(signal_round(prometheus, query, serve.api, args.concurrency))
+                phase = (phases[n] + 0.5) / args.rounds * args.scrape_interval
+                rounds.append({"phase_s": phase, **signal_round(prometheus, query, serve.api, args.concurrency, phase)})
                 progress(f"signal round {n + 1}/{args.rounds}: {rounds[-1]}")
         finally:
             prometheus.stop()

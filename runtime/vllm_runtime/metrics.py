@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import urllib.error
@@ -18,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -166,7 +168,15 @@ def accelerator_type(nvml: Nvml | None = None) -> str:
 
 
 def process_tree_rss(pid: int) -> int | None:
-    """Resident memory of a process and all its descendants (vLLM runs its engine in child processes)."""
+    """Resident memory of a process and all its descendants (vLLM runs its engine in child processes).
+
+    On Linux from /proc: the tree through each thread's ``children`` file and each process's ``statm``, which
+    reads only the tree. psutil's ``children(recursive=True)`` reads every process of the machine, a cost that
+    grows with the node's process count and lands on every scrape (bench/autoscaling_bench.py).
+    """
+    linux = _proc_tree_rss(pid)
+    if linux is not None:
+        return linux
     import psutil  # imported here: the GPU check runs this module where psutil may be absent
 
     try:
@@ -180,6 +190,36 @@ def process_tree_rss(pid: int) -> int | None:
             total += proc.memory_info().rss
         except psutil.Error:
             continue  # exited between listing and reading
+    return total
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _proc_tree_rss(pid: int) -> int | None:
+    """``process_tree_rss`` from /proc; None where /proc has no ``children`` files (not Linux, or a kernel
+    without CONFIG_PROC_CHILDREN) or ``pid`` is gone."""
+    root = Path("/proc") / str(pid)
+    if not (root / "task" / str(pid) / "children").exists():
+        return None
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            total += int((Path("/proc") / str(current) / "statm").read_text().split()[1]) * _PAGE_SIZE
+            tasks = list((Path("/proc") / str(current) / "task").iterdir())
+        except (OSError, IndexError, ValueError):
+            if current == pid:
+                return None
+            continue  # exited between listing and reading
+        for task in tasks:
+            try:
+                todo += [int(child) for child in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
     return total
 
 
