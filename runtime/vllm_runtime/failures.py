@@ -1,14 +1,17 @@
 """Classify why vLLM failed to start, from its output, and say what to change in the VLLMModel.
 
 vLLM reports start-up failures only as log lines and tracebacks. The patterns below follow
-vLLM 0.32's own wording (v1/core/kv_cache_utils.py, config/vllm.py, config/model.py,
-model_executor/model_loader/*), transformers' and safetensors' messages, and PyTorch's OOM
-error. Wording changes between releases, so patterns match loosely and the tests run them
-on captured output; pin the image's vLLM version.
+vLLM 0.32's own wording (v1/core/kv_cache_utils.py, v1/worker/utils.py, v1/worker/cpu_worker.py,
+config/vllm.py, config/model.py, model_executor/model_loader/*, its argument parser),
+transformers' and safetensors' messages, and PyTorch's OOM error. Wording changes between
+releases, so patterns match loosely and the tests run every rule on output captured from real
+vLLM runs (tests/fixtures/vllm_logs, made by its capture.py) wherever vLLM's CPU build can fail
+that way; pin the image's vLLM version.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,6 +27,10 @@ MISSING_FILES = "MissingFiles"
 CORRUPT_FILES = "CorruptFiles"
 REMOTE_CODE_NOT_TRUSTED = "RemoteCodeNotTrusted"
 UNSUPPORTED_ARCHITECTURE = "UnsupportedArchitecture"
+MAX_MODEL_LEN_TOO_LARGE = "MaxModelLenTooLarge"
+# Also said by ``vllm-runtime serve`` itself when its memory check refuses to start vLLM.
+INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+INVALID_ARGS = "InvalidArgs"  # vLLM's argument parser refused its command line (spec.extraArgs, mostly)
 VLLM_FAILED = "VLLMFailed"  # not recognised: the message carries vLLM's last error line
 
 SERVE_REASONS = frozenset(
@@ -37,6 +44,9 @@ SERVE_REASONS = frozenset(
         CORRUPT_FILES,
         REMOTE_CODE_NOT_TRUSTED,
         UNSUPPORTED_ARCHITECTURE,
+        MAX_MODEL_LEN_TOO_LARGE,
+        INSUFFICIENT_GPU_MEMORY,
+        INVALID_ARGS,
         VLLM_FAILED,
     }
 )
@@ -47,10 +57,12 @@ class Failure:
     reason: str
     message: str  # what happened and what to change in the VLLMModel spec
     evidence: str  # the vLLM line it was recognised from (trimmed)
+    rule: str = ""  # the name of the rule that recognised it; "" for the generic VLLMFailed
 
 
 @dataclass(frozen=True)
 class _Rule:
+    name: str  # unique: the tests name the captured log that proves each rule
     reason: str
     pattern: re.Pattern[str]
     advice: Callable[[re.Match[str]], str]
@@ -71,8 +83,20 @@ def _kv_too_small(m: re.Match[str]) -> str:
     )
 
 
+def _memory_not_free(m: re.Match[str]) -> str:
+    free, total = float(m.group("free")), float(m.group("total"))
+    fits = math.floor(free / total * 100) / 100 if total > 0 else 0.0
+    return (
+        f"vLLM was to take {m.group('util')} of the {m.group('kind') or 'GPU'}'s memory ({m.group('requested')} GiB "
+        f"of {m.group('total')} GiB) at start-up, but only {m.group('free')} GiB is free: another process holds the "
+        f"rest. Lower spec.gpuMemoryUtilization to {fits:.2f} or less, or move the model to a GPU nothing else "
+        "uses (spec.gpu, spec.nodeSelector)."
+    )
+
+
 _RULES: tuple[_Rule, ...] = (
     _Rule(
+        "kv-cache-too-small",
         KV_CACHE_TOO_SMALL,
         re.compile(
             r"max seq len \((?P<len>\d+)\).*?\((?P<needed>[\d.]+) GiB KV cache is needed.*?"
@@ -82,6 +106,7 @@ _RULES: tuple[_Rule, ...] = (
         _kv_too_small,
     ),
     _Rule(
+        "no-kv-cache-memory",
         NO_KV_CACHE_MEMORY,
         re.compile(r"No available memory for the cache blocks"),
         lambda m: (
@@ -91,6 +116,17 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
     _Rule(
+        "memory-not-free-at-start",
+        INSUFFICIENT_GPU_MEMORY,
+        re.compile(
+            r"(?:Available|Free) memory on (?:node|device) \S+ \((?P<free>[\d.]+)/(?P<total>[\d.]+) GiB\) on startup "
+            r"is less than (?:desired (?P<kind>GPU|CPU) memory utilization|the engine's budget[^(]*)"
+            r" \((?P<util>[\d.]+), (?P<requested>[\d.]+) GiB\)"
+        ),
+        _memory_not_free,
+    ),
+    _Rule(
+        "cuda-out-of-memory",
         OUT_OF_MEMORY,
         re.compile(
             r"(?:torch\.)?(?:cuda\.)?OutOfMemoryError:?\s*(?P<detail>CUDA out of memory\..{0,120})?"
@@ -104,6 +140,7 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
     _Rule(
+        "quantization-capability",
         QUANTIZATION_UNSUPPORTED,
         re.compile(
             r"The quantization method (?P<method>\S+) is not supported for the current GPU\. "
@@ -117,6 +154,7 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
     _Rule(
+        "quantization-dtype",
         QUANTIZATION_UNSUPPORTED,
         re.compile(
             r"(?P<dtype>torch\.\w+|\w+) is not supported for quantization method (?P<method>\S+)\. "
@@ -128,6 +166,7 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
     _Rule(
+        "quantization-unknown",
         QUANTIZATION_UNSUPPORTED,
         re.compile(r"Unknown quantization method: (?P<method>[^.\s]+)"),
         lambda m: (
@@ -136,6 +175,7 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
     _Rule(
+        "quantization-platform",
         QUANTIZATION_UNSUPPORTED,
         re.compile(r"(?P<method>\S+) quantization is (?:currently )?not supported in (?P<platform>\w+)"),
         lambda m: (
@@ -144,6 +184,7 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
     _Rule(
+        "quantization-mismatch",
         QUANTIZATION_MISMATCH,
         re.compile(
             r"Quantization method specified in the model config \((?P<model>[^)]*)\) does not match the "
@@ -155,6 +196,7 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
     _Rule(
+        "remote-code-not-trusted",
         REMOTE_CODE_NOT_TRUSTED,
         re.compile(
             r"contains custom code which must be executed|references custom code contained in"
@@ -166,6 +208,7 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
     _Rule(
+        "corrupt-files",
         CORRUPT_FILES,
         re.compile(
             r"SafetensorError|Error while deserializing header|HeaderTooLarge|incomplete metadata"
@@ -178,6 +221,7 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
     _Rule(
+        "missing-files",
         MISSING_FILES,
         re.compile(
             r"Cannot find any model weights|No model weights found|does not appear to have a file named"
@@ -192,11 +236,34 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
     _Rule(
+        "unsupported-architecture",
         UNSUPPORTED_ARCHITECTURE,
         re.compile(r"Model architectures? \[?(?P<arch>[^\]]*)\]? (?:are|is) not supported"),
         lambda m: (
             f"This vLLM does not support the model architecture {m.group('arch')}: use an image with a newer "
             "vLLM (spec.image), or, if the repository provides its own code, set spec.trustRemoteCode: true."
+        ),
+    ),
+    _Rule(
+        "max-model-len-too-large",
+        MAX_MODEL_LEN_TOO_LARGE,
+        re.compile(
+            r"User-specified max_model_len \((?P<len>\d+)\) is greater than the derived max_model_len"
+            r" \((?P<derived>[^)]*)\)"
+        ),
+        lambda m: (
+            f"spec.maxModelLen ({m.group('len')}) is longer than the model supports ({m.group('derived')}): "
+            "lower spec.maxModelLen to that, or leave it unset (vLLM then uses the model's own maximum)."
+        ),
+    ),
+    _Rule(
+        "argument-refused",
+        INVALID_ARGS,
+        # argparse's last line: "<prog>: error: argument --dtype: invalid choice: ..." or "unrecognized arguments"
+        re.compile(r"^(?:[\w.-]+\.py|vllm(?: \w+)?): error: (?P<detail>.+)$", re.MULTILINE),
+        lambda m: (
+            f"vLLM refused its command line: {m.group('detail').strip()[:300]}. Fix spec.extraArgs (vLLM "
+            "0.32's flags), or the spec field that sets this flag."
         ),
     ),
 )
@@ -218,7 +285,8 @@ def classify(output: str | Iterable[str]) -> Failure | None:
         matches = list(rule.pattern.finditer(text))
         if matches:
             m = matches[-1]  # the last occurrence is the one that ended the process
-            return Failure(reason=rule.reason, message=rule.advice(m), evidence=_line_of(text, m).strip()[:500])
+            evidence = _line_of(text, m).strip()[:500]
+            return Failure(reason=rule.reason, message=rule.advice(m), evidence=evidence, rule=rule.name)
     return None
 
 
@@ -236,14 +304,25 @@ def classify_or_generic(output: str | Iterable[str], exit_code: int) -> Failure:
     )
 
 
-_ERROR_LINE = re.compile(r"\b(?:[A-Z]\w*(?:Error|Exception)|RuntimeError|AssertionError)\b:?")
+# pydantic puts the real reason on the line after "ValidationError: 1 validation error for ModelConfig";
+# a traceback's source line ("raise RuntimeError(") names an error but says nothing.
+_ERROR_LINE = re.compile(r"(?<!raise )\b(?:[A-Z]\w*(?:Error|Exception)|RuntimeError|AssertionError)\b:?|^\s*Value error, ")
+
+
+# vLLM's front end ends every engine failure with this; the cause is an earlier error line.
+_WRAPPER_LINE = re.compile(r"Engine core initialization failed\. See root cause above")
 
 
 def last_error_line(lines: Iterable[str]) -> str | None:
-    found = None
+    """The last line that names an error, passing over vLLM's "see root cause above" wrapper."""
+    found = wrapper = None
     for line in lines:
         if _ERROR_LINE.search(line):
-            found = line.strip()
+            if _WRAPPER_LINE.search(line):
+                wrapper = line.strip()
+            else:
+                found = line.strip()
+    found = found or wrapper
     return found[:500] if found else None
 
 

@@ -61,6 +61,7 @@ REASONS_PERMANENT = frozenset(
         "CorruptFiles",
         "RemoteCodeNotTrusted",
         "UnsupportedArchitecture",
+        "MaxModelLenTooLarge",
         "VLLMFailed",
         # serve: the memory plan does not fit the visible GPUs' free memory (checked before vLLM starts)
         "InsufficientGPUMemory",
