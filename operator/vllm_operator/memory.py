@@ -54,6 +54,29 @@ def plan_key(model: VLLMModel) -> str:
     return json.dumps({k: model.spec.get(k) for k in keys}, sort_keys=True, default=str)
 
 
+def planning_key(model: VLLMModel) -> str:
+    """What the operator's own plan depends on: ``plan_key`` and, with ``spec.adapters``, vLLM's LoRA limits
+    (their buffers are allocated at start whatever adapters are loaded). Not in ``plan_digest``: a new
+    adapter's rank never re-runs the base model's cache Job."""
+    from . import lora  # builds on builders, which builds on this module
+
+    if not lora.enabled(model):
+        return plan_key(model)
+    return plan_key(model) + json.dumps(lora.limits(model).args())
+
+
+def lora_spec(model: VLLMModel) -> Any:
+    """The planner's ``LoraSpec`` for a model with ``spec.adapters`` (None without)."""
+    from vllm_runtime.planner import LoraSpec
+
+    from . import lora
+
+    if not lora.enabled(model):
+        return None
+    limits = lora.limits(model)
+    return LoraSpec(max_loras=limits.max_loras, max_lora_rank=limits.max_lora_rank, max_cpu_loras=limits.max_cpu_loras)
+
+
 def plan_digest(model: VLLMModel) -> str:
     """A short digest of the planner's inputs: a cache Job's plan is for the spec only while it matches."""
     return hashlib.sha256(plan_key(model).encode()).hexdigest()[:16]
@@ -92,6 +115,10 @@ async def memory_plan(model: VLLMModel, config: Config) -> MemoryPlan:
     if not model.source.is_hub:
         return MemoryPlan(st.UNKNOWN, "NotAHubModel", "the operator cannot read a pvc:// model's files; "
                           "the cache Job plans it")  # fmt: skip
+
+    lora = lora_spec(model)  # with spec.adapters: vLLM's LoRA buffers count against the GPU (refused if too big)
+    if lora is not None:
+        kwargs = {**kwargs, "lora": lora}
 
     def _run() -> Any:
         return plan_model(str(model.spec["model"]), revision=model.revision, endpoint=config.hf_endpoint, **kwargs)
