@@ -8,11 +8,14 @@ rule that serves the HPA's Pods metric (the chart's values carry the same rules:
 From the values Prometheus answers, the HPA's formula gives the desired replicas: up under load, and
 back to minReplicas only after the (short, here) scale-down stabilization window.
 
-Also here, on the same vLLM: the runtime's ``/metrics`` relays vLLM's routing signals unchanged.
+Also here, on the same vLLM: the runtime's ``/metrics`` relays vLLM's routing signals unchanged, and
+(last, as it stops the server) a SIGTERM under load takes the pod out of the endpoints while it still
+takes requests, and vLLM finishes what is in flight.
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +37,7 @@ from prometheus_fixtures import (
 from vllm_operator import autoscaling, promql
 from vllm_operator.config import Config
 from vllm_operator.model import VLLMModel
-from vllm_runtime.demo import scrape
+from vllm_runtime.demo import complete, http_status, scrape
 
 pytestmark = pytest.mark.e2e
 
@@ -259,3 +262,60 @@ def test_runtime_metrics_relay_vllms_routing_signals_unchanged(
     # The runtime adds its own series beside vLLM's, never under vLLM's names.
     runtime_only = {line.split("{")[0].split(" ")[0] for line in relayed_text.splitlines() if line.startswith("vllm_runtime_")}
     assert runtime_only and not any(n.startswith("vllm:") for n in runtime_only)
+
+
+def _signal_state(pid: int) -> str:
+    """Pending signals and what each thread of ``pid`` waits in (for a failure message)."""
+    from pathlib import Path
+
+    def fields(path: Path) -> str:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return "gone"
+        return " ".join(line for line in lines if line.startswith(("SigPnd", "ShdPnd", "SigBlk")))
+
+    tasks = sorted(Path(f"/proc/{pid}/task").glob("*"))
+    threads = [f"{t.name}:{(t / 'comm').read_text().strip()}:{(t / 'wchan').read_text()}:{fields(t / 'status')}"
+               for t in tasks if (t / "wchan").exists()]  # fmt: skip
+    return f"serve {fields(Path(f'/proc/{pid}/status'))}; threads {threads}"
+
+
+def test_sigterm_under_load_leaves_the_endpoints_first_and_finishes_requests_in_flight(
+    saturable_server: SaturableServer,
+) -> None:
+    """Stops the module's vLLM: the last test here. serve's default --endpoint-drain-seconds (5 s), which is
+    what the operator passes too (builders.ENDPOINT_DRAIN_SECONDS)."""
+    from vllm_operator.builders import ENDPOINT_DRAIN_SECONDS
+
+    serve = saturable_server.server
+    assert serve.proc is not None
+    load = LoadGenerator(saturable_server.api, saturable_server.repo_id, concurrency=3, max_tokens=48, deadline_s=60)
+    with load:
+        wait_until(lambda: load.completed >= 1, timeout=60, what="the load's first completion")
+        signalled = time.monotonic()
+        serve.proc.send_signal(signal.SIGTERM)
+        seen: list[tuple[float, int]] = []  # (seconds after SIGTERM, /ready's answer): the message if it fails
+
+        def not_ready() -> bool:
+            seen.append((round(time.monotonic() - signalled, 2), http_status(serve.metrics + "/ready")))
+            return seen[-1][1] == 503
+
+        try:
+            wait_until(not_ready, timeout=ENDPOINT_DRAIN_SECONDS, interval=0.05, what="/ready failing after SIGTERM")
+        except TimeoutError as err:
+            raise AssertionError(f"{err}; /ready answered {seen}; {_signal_state(serve.proc.pid)}; "
+                                 f"serve's log: {serve.log_text()[-1500:]}") from err
+        out_of_endpoints = time.monotonic() - signalled
+        load.stop_sending()  # the load's requests in flight must finish; it sends no new ones
+        # A new request while the pod is leaving the endpoints is still served (a gateway may not know yet).
+        assert time.monotonic() - signalled < ENDPOINT_DRAIN_SECONDS
+        late = complete(saturable_server.api, saturable_server.repo_id, "Still there?", max_tokens=4)
+        assert late["usage"]["completion_tokens"] >= 1
+    assert not load.errors, load.errors[:3]  # nothing in flight was cut off
+    code = serve.proc.wait(timeout=90)
+    stopped = time.monotonic() - signalled
+    assert code == 0, serve.log_text()[-3000:]
+    assert out_of_endpoints < ENDPOINT_DRAIN_SECONDS <= stopped  # out of the endpoints first, stopped later
+    log = serve.log_text()
+    assert log.index("keeps serving") < log.index("forwarding SIGTERM") < log.index("[shutdown]")

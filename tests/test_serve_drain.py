@@ -7,6 +7,7 @@ with real vLLM and requests in flight: tests/test_autoscaling_prometheus.py (its
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -79,3 +80,25 @@ def test_without_a_drain_period_vllm_is_stopped_at_once(tmp_path: Path) -> None:
     assert code == 0, server.log_text()
     log = server.log_text()
     assert "received SIGTERM" in log and "forwarding SIGTERM" in log and "keeps serving" not in log
+
+
+def test_sigterm_taken_by_another_thread_of_serve_still_starts_the_drain(tmp_path: Path) -> None:
+    """The kernel may hand a process's SIGTERM to any of its threads (here: one that is not the main thread,
+    by signalling that thread's id); Python runs the handler only when the main thread runs Python code,
+    so serve must not sit in a bare waitpid() until vLLM exits."""
+    server = serve_fake(tmp_path, "--endpoint-drain-seconds", str(DRAIN_SECONDS))
+    assert server.proc is not None
+    try:
+        pid = server.proc.pid
+        threads = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir() if int(t.name) != pid]
+        assert threads, "serve runs helper threads (vLLM output, readiness, metrics)"
+        signalled = time.monotonic()
+        os.kill(threads[0], signal.SIGTERM)  # kill(2) with a thread id: that thread is tried first
+        wait_for(lambda: http_status(server.metrics + "/ready") == 503, timeout=DRAIN_SECONDS)
+        assert time.monotonic() - signalled < DRAIN_SECONDS
+        assert http_status(server.api + "/v1/models") == 200
+        code = server.proc.wait(timeout=30)
+    finally:
+        server.stop()
+    assert code == 0, server.log_text()
+    assert time.monotonic() - signalled >= DRAIN_SECONDS
