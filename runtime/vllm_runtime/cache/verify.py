@@ -7,8 +7,11 @@ one read (the git id only for non-LFS files). The sha256 goes into the manifest 
 Hashing overlaps the download (``StreamingDigest``): while huggingface_hub writes a file, a thread reads
 the bytes back from the page cache as they land and hashes them, so a file is verified moments after its
 last byte arrives instead of being read again from the start. The streamed digest is used only when it
-provably covers the final file (same inode, same size, no rewind of the transfer); otherwise, and
-whenever it disagrees with the Hub, the file on disk is hashed again and that is the verdict.
+provably covers the final file: huggingface_hub's plain HTTP writer (not Xet), one bar from byte 0, one
+partial file, no rewind of the transfer, and the final blob is the inode that was read, of the size that
+was hashed. Otherwise (the blob was already in the store, another writer, a resume the server ignored),
+and whenever it disagrees with the Hub, the file on disk is hashed again and that is the verdict. A
+stream can therefore only ever cause a re-read, never the acceptance of bytes that are not on disk.
 
 The journal (``<cache>/state/verified/models--org--name--<commit>.json``) remembers files already
 verified (blob, size, mtime, sha256), so a run restarted after ``kill -9`` neither fetches nor
@@ -22,6 +25,7 @@ import io
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,9 @@ READ_SIZE = 8 * 1024 * 1024
 HTTP_GET_BAR = "huggingface_hub.http_get"  # the name huggingface_hub gives the bar of a plain HTTP download
 # A streaming reader that finds no new bytes waits at most this long for huggingface_hub's next chunk.
 STREAM_POLL_SECONDS = 0.2
+# The reader is woken once this many reported bytes have accumulated, not once per chunk (64 KiB when
+# huggingface_hub passes the body through unchunked): fewer, larger reads and no thread ping-pong.
+WAKE_BYTES = 4 * 1024 * 1024
 
 Digests = tuple[str, str | None]  # (sha256, git blob sha1 or None)
 
@@ -117,6 +124,9 @@ class StreamingDigest:
         self.blobs_dir, self.hub_file = blobs_dir, hub_file
         self._sha, self._git = _new_hashers(hub_file.size, hub_file.sha256 is None)
         self._hashed = 0
+        self._reported = 0  # bytes huggingface_hub announced (each before writing them)
+        self._woken_at = 0
+        self._cpu_seconds = 0.0
         self._inode: tuple[int, int] | None = None
         self._void = False
         self._wake = threading.Event()
@@ -136,6 +146,11 @@ class StreamingDigest:
     @property
     def hashed_bytes(self) -> int:
         return self._hashed
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time the reader thread spent reading back and hashing (0 without a reader)."""
+        return self._cpu_seconds
 
     def bar_created(self, initial: int, writer: str | None) -> None:
         """Called in the download's thread while huggingface_hub holds the partial file open."""
@@ -160,11 +175,17 @@ class StreamingDigest:
             self._thread.start()
 
     def progressed(self, n: float) -> None:
-        if n < 0:
+        if n < 0:  # bytes already hashed may be rewritten: nothing streamed so far can be trusted
             self._void = True
-        self._wake.set()
+            self._wake.set()
+            return
+        self._reported += int(n)
+        if self._reported - self._woken_at >= WAKE_BYTES:
+            self._woken_at = self._reported
+            self._wake.set()
 
     def _read(self, source: io.FileIO) -> None:
+        began = time.thread_time()
         with source:
             buf = bytearray(READ_SIZE)
             view = memoryview(buf)
@@ -183,6 +204,8 @@ class StreamingDigest:
                         self._wake.wait(STREAM_POLL_SECONDS)
             except OSError:
                 self._void = True
+            finally:
+                self._cpu_seconds = time.thread_time() - began
 
     def finish(self) -> None:
         """The download returned or failed: hash what is left and stop the reader."""
