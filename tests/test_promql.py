@@ -119,6 +119,11 @@ def test_chart_renders_the_adapter_rules_in_prometheus_adapters_config_format() 
     objects = render_objects({"prometheusAdapter": {"enabled": True, "namespace": "monitoring"}})
     (configmap,) = [c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"].endswith("-adapter-rules")]
     assert configmap["metadata"]["namespace"] == "monitoring"  # where prometheus-adapter runs
+    import kubernetes_validate
+    from test_chart import KUBERNETES_VERSIONS
+
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(configmap, version, strict=True)
     config = yaml.safe_load(configmap["data"]["config.yaml"])  # prometheus-adapter's --config file
     assert config == {"rules": promql.adapter_rules()}
     # Every HPA metric name the operator can write is served by one rule.
