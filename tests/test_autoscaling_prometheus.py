@@ -54,14 +54,14 @@ Sample = tuple[float, int, float, int]  # KEDA value, its desired replicas, adap
 Evaluation = tuple[float, Sample, int]  # (time, sample, replicas after the stabilization windows)
 
 
-def model_body(engine: str, server_address: str) -> VLLMModel:
+def model_body(engine: str, server_address: str, metric: str = "queueDepth", target: float = TARGET) -> VLLMModel:
     return VLLMModel.from_body({
         "metadata": {"name": MODEL_NAME, "namespace": MODEL_NAMESPACE, "uid": "u-1", "generation": 1},
         "spec": {
             "model": "test-org/tiny-llama",
             "autoscaling": {
-                "engine": engine, "minReplicas": 1, "maxReplicas": MAX_REPLICAS, "metric": "queueDepth",
-                "target": TARGET, "serverAddress": server_address,
+                "engine": engine, "minReplicas": 1, "maxReplicas": MAX_REPLICAS, "metric": metric,
+                "target": target, "serverAddress": server_address,
                 "behavior": {"scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": SCALE_DOWN_WINDOW},
             },
         },
@@ -168,6 +168,16 @@ def test_rendered_queries_rise_past_the_target_under_load_and_scale_back_after_t
             return sum(1 for _, s, _ in history if s[0] > TARGET and s[2] > TARGET) >= 3  # not a one-scrape blip
 
         wait_until(above_target, timeout=60, interval=SCRAPE_INTERVAL, what=f"queue above {TARGET} per replica")
+        # The other two signals, through their rendered ScaledObjects' queries: one sequence runs at a time
+        # (--max-num-seqs 1), and it holds some of the KV cache.
+        running_query = rendered_keda_query(prometheus.url, "runningRequests", 0.5)
+        kv_query = rendered_keda_query(prometheus.url, "kvCacheUsage", 0.8)
+        running = wait_until(lambda: prometheus.scalar(running_query), timeout=30, interval=SCRAPE_INTERVAL,
+                             what="a running request in Prometheus")  # fmt: skip
+        assert running == 1.0 and hpa_desired_replicas(current=1, value=running, target=0.5) == 2
+        kv_cache = wait_until(lambda: prometheus.scalar(kv_query), timeout=30, interval=SCRAPE_INTERVAL,
+                              what="KV cache in use in Prometheus")  # fmt: skip
+        assert 0.0 < kv_cache < 0.8
         crossed = [(s, replicas) for _, s, replicas in history if s[0] > TARGET]
         for (keda, keda_desired, average, hpa_desired), replicas in crossed:
             assert keda_desired == hpa_desired > 1, crossed  # ceil(1 pod * queue / 2) > 1
@@ -200,6 +210,18 @@ def test_rendered_queries_rise_past_the_target_under_load_and_scale_back_after_t
     assert scaled_down_at - last_high >= SCALE_DOWN_WINDOW  # not before the window ended ...
     assert scaled_down_at - below_at >= SCALE_DOWN_WINDOW - 2 * SCRAPE_INTERVAL  # ... measured from the real drop
     wait_until(lambda: signals.desired() == (0.0, 1, 0.0, 1), timeout=30, what="queue empty")
+    wait_until(lambda: prometheus.scalar(rendered_keda_query(prometheus.url, "runningRequests", 0.5)) == 0.0,
+               timeout=30, what="no request running")  # fmt: skip
+    assert prometheus.scalar(rendered_keda_query(prometheus.url, "kvCacheUsage", 0.8)) == 0.0
+
+
+def rendered_keda_query(server_address: str, metric: str, target: float) -> str:
+    """The trigger query of the ScaledObject rendered for ``metric``."""
+    scaled_object = autoscaling.autoscaler_for(model_body("keda", server_address, metric, target), Config())
+    assert scaled_object is not None
+    (trigger,) = scaled_object["spec"]["triggers"]
+    assert float(trigger["metadata"]["threshold"]) == target
+    return str(trigger["metadata"]["query"])
 
 
 def _samples(text: str, names: tuple[str, ...]) -> dict[str, list[tuple[tuple[tuple[str, str], ...], float]]]:
