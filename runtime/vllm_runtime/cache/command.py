@@ -53,6 +53,14 @@ from vllm_runtime.cache.manifest import (
     snapshot_matches,
 )
 from vllm_runtime.cache.selection import HubFile, NoWeightsError, Selection, restrict_to_index, select_files
+from vllm_runtime.cache.siblings import (
+    SIBLINGS_ENV,
+    SiblingPool,
+    SiblingURLError,
+    SourceStats,
+    publish_source_metrics,
+    sibling_urls,
+)
 from vllm_runtime.cache.usage import touch_last_used
 from vllm_runtime.cache.verify import StreamingDigest, VerificationJournal, file_digests, verify_file
 from vllm_runtime.layout import (
@@ -87,6 +95,8 @@ class CacheOptions:
     termination_message_path: str | None = None  # for the last-resort abort (main() writes the normal summary)
     endpoint: str | None = None  # HF_ENDPOINT; None: huggingface_hub's default
     token: str | None = field(default=None, repr=False)  # HF_TOKEN; never logged
+    siblings: Sequence[str] = ()  # peer replicas' sibling servers: file bytes from them, metadata from the Hub
+    sibling_timeout: float = 10.0  # seconds to connect to a sibling, and without a byte from it
 
 
 def _utc_now() -> str:
@@ -152,6 +162,11 @@ class _Fetcher:
         self.verification_seconds = 0.0
         self._in_flight = 0
         self._lock = threading.Lock()
+        self.sources = SourceStats(on_change=publish_source_metrics)
+        self.siblings = (
+            SiblingPool(opts.siblings, repo_id, commit, self.sources, timeout=opts.sibling_timeout)
+            if opts.siblings else None
+        )
 
     def in_flight(self) -> int:
         return self._in_flight
@@ -196,7 +211,28 @@ class _Fetcher:
         path, stream = self.retrier.call(f"download of {hub_file.path}", lambda: self._download_once(hub_file))
         return Path(path), stream
 
+    def _from_sibling(self, hub_file: HubFile) -> bool:
+        """Try the siblings for a file not on the volume yet; True when it is now there, verified."""
+        repo_dir = self.layout.repo_dir(self.repo_id)
+        if self.siblings is None or (repo_dir / "snapshots" / self.commit / hub_file.path).exists():
+            return False
+        with self._lock:
+            self._in_flight += 1
+        try:
+            sha256 = self.siblings.fetch(hub_file, repo_dir / "blobs", repo_dir / "snapshots" / self.commit)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+        if sha256 is None:
+            return False
+        self.journal.record(hub_file, repo_dir / "blobs" / hub_file.blob_name, sha256)
+        self.sha256[hub_file.path] = sha256
+        return True
+
     def fetch(self, hub_file: HubFile) -> None:
+        if self._from_sibling(hub_file):
+            return
+        new = not (self.layout.repo_dir(self.repo_id) / "blobs" / hub_file.blob_name).exists()
         for attempt in (1, 2):
             pointer, stream = self._download(hub_file)
             blob = pointer.resolve()
@@ -211,6 +247,8 @@ class _Fetcher:
             if ok:
                 self.journal.record(hub_file, blob, sha256)
                 self.sha256[hub_file.path] = sha256
+                if new:
+                    self.sources.kept("hub", hub_file.size)
                 return
             progress.VERIFICATION_FAILURES.inc()
             expected = hub_file.sha256 or f"git oid {hub_file.git_oid}"
@@ -276,7 +314,10 @@ def _success(
         verified=True,
         completedAt=manifest["completedAt"] if reused else _utc_now(),
         durationSeconds=round(time.monotonic() - began, 3),
-        extra={"reused": reused, "downloadedBytes": downloaded, "weightFormat": manifest.get("weightFormat")},
+        extra={
+            "reused": reused, "downloadedBytes": downloaded, "weightFormat": manifest.get("weightFormat"),
+            **({"hubBytes": 0, "siblingBytes": 0} if reused else manifest.get("sources", {})),
+        },
     )
 
 
@@ -486,6 +527,7 @@ def _download_commit(
         "durationSeconds": round(time.monotonic() - began, 3),
         "downloadSeconds": round(download_seconds, 3),
         "verificationSeconds": round(fetcher.verification_seconds, 3),
+        "sources": fetcher.sources.summary_fields(),
     }
     atomic_write_json(layout.manifest_path(repo_id, commit), manifest)
     journal.remove()
@@ -653,6 +695,11 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"cache: {error}", file=sys.stderr)
         return summary.EXIT_USAGE
+    try:
+        siblings = sibling_urls(args.sibling, os.environ.get(SIBLINGS_ENV))
+    except SiblingURLError as error:
+        print(f"cache: {error}", file=sys.stderr)
+        return summary.EXIT_USAGE
     opts = CacheOptions(
         model=args.model,
         cache_dir=Path(args.cache_dir),
@@ -669,6 +716,8 @@ def main(args: argparse.Namespace) -> int:
         termination_message_path=args.termination_message_path,
         endpoint=os.environ.get("HF_ENDPOINT") or None,
         token=(os.environ.get("HF_TOKEN") or "").strip() or None,
+        siblings=siblings,
+        sibling_timeout=args.sibling_timeout,
     )
     stop_metrics = _start_metrics_server(args.metrics_port) if args.metrics_port else None
     try:
@@ -711,6 +760,13 @@ def register(subparsers: Any) -> None:
                         help="seconds between progress log lines (default: 10)")
     parser.add_argument("--verify-existing", action="store_true",
                         help="re-hash an already cached commit before reusing it (a corrupt file is fetched again)")
+    parser.add_argument("--sibling", action="append", default=[], metavar="URL",
+                        help="a peer replica's sibling server (http://host:8090; repeatable; also "
+                        f"${SIBLINGS_ENV}, comma separated): file bytes come from a sibling, the file list and "
+                        "sha256 from the Hub; every file is verified, a failing sibling falls back to the next or "
+                        "the Hub; the token is never sent to a sibling")
+    parser.add_argument("--sibling-timeout", type=float, default=10.0,
+                        help="seconds to connect to a sibling and without a byte from it (default: 10)")
     plan_spec.add_plan_arguments(parser)
     parser.add_argument("--termination-message-path", default=TERMINATION_MESSAGE_PATH,
                         help=f"where the one-line JSON summary goes (default: {TERMINATION_MESSAGE_PATH})")
