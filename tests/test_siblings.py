@@ -111,3 +111,54 @@ def test_a_sibling_without_the_commit_is_asked_once(tiny_repo: tuple[str, str], 
     asked = empty.metrics.requests.labels(code="404")._value.get()
     assert 1 <= result.extra["siblingFallbacks"] == asked < result.files
     assert "commit not cached there" in result.extra["siblingErrors"][0]
+
+
+def test_metrics_answer_while_a_sibling_transfer_runs(seeded: tuple[Path, str], tmp_path: Path) -> None:
+    """A transfer in progress (slowed with --sibling-rate-limit) holds neither serve's metrics port nor vLLM's API."""
+    import threading
+    import time
+    import urllib.request
+
+    from test_serve_drain import FakeVllmServe
+
+    from vllm_runtime.layout import CacheLayout
+
+    from vllm_runtime.demo import free_port, http_status, scrape
+    from vllm_runtime.metrics import first_value
+
+    cache, commit = seeded
+    port = free_port()
+    server = FakeVllmServe(model=TINY_REPO, revision=commit, cache_dir=cache, log_path=tmp_path / "serve.log",
+                           vllm_args=(), serve_flags=("--sibling-port", str(port), "--sibling-host", "127.0.0.1",
+                                                      "--sibling-rate-limit", "100000"))
+    server.start()
+    try:
+        server.wait_ready(timeout=60)
+        url = f"http://127.0.0.1:{port}/{TINY_REPO}/resolve/{commit}/model.safetensors"
+        received: list[int] = []
+
+        def download() -> None:
+            with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - loopback
+                received.append(len(response.read()))
+
+        transfer = threading.Thread(target=download, daemon=True)
+        transfer.start()
+        deadline = time.monotonic() + 30
+        while True:
+            began = time.monotonic()
+            _, samples = scrape(server.metrics)
+            assert time.monotonic() - began < 5
+            if first_value(samples, "vllm_runtime_sibling_active_transfers") == 1:
+                break
+            assert time.monotonic() < deadline, "the transfer never showed as active"
+        for _ in range(3):  # while it runs (about 7 s at 100 kB/s)
+            began = time.monotonic()
+            assert http_status(server.metrics + "/ready") == 200 and http_status(server.api + "/v1/models") == 200
+            assert time.monotonic() - began < 5
+        _, samples = scrape(server.metrics)
+        assert first_value(samples, "vllm_runtime_sibling_active_transfers") == 1  # still running meanwhile
+        transfer.join(timeout=60)
+        size = (CacheLayout(cache).snapshot_dir(TINY_REPO, commit) / "model.safetensors").stat().st_size
+        assert received == [size]
+    finally:
+        server.stop()
