@@ -236,14 +236,15 @@ class _Fetcher:
         for attempt in (1, 2):
             pointer, stream = self._download(hub_file)
             blob = pointer.resolve()
+            streamed = stream.digests(blob)  # also stops the stream's reader, whichever way this goes on
             known = self.journal.known_sha256(hub_file, blob)
             if known is not None:
                 self.sha256[hub_file.path] = known
                 return
             began = time.monotonic()
-            ok, sha256 = verify_file(hub_file, blob, stream.digests(blob))
-            with self._lock:
-                self.verification_seconds += time.monotonic() - began
+            ok, sha256 = verify_file(hub_file, blob, streamed)
+            with self._lock:  # hashing done while downloading counts too (the reader thread's CPU time)
+                self.verification_seconds += time.monotonic() - began + stream.cpu_seconds
             if ok:
                 self.journal.record(hub_file, blob, sha256)
                 self.sha256[hub_file.path] = sha256
@@ -603,6 +604,11 @@ def run_cache(opts: CacheOptions) -> summary.Summary:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # The HTTP read timeout is the stall detector inside a transfer (see progress.py).
     constants.HF_HUB_DOWNLOAD_TIMEOUT = max(int(opts.stall_timeout), 1)
+    # Bodies go to the file as they arrive (httpx reads of 64 KiB): huggingface_hub's default re-chunking
+    # into 10 MiB pieces copies every byte three more times, into fresh buffers the kernel must fault in,
+    # which here cost about as much CPU as the rest of the download (bench/cache_bench.py). None is httpx's
+    # "chunks as they come" (``iter_bytes(chunk_size=None)``); http_get is its only reader.
+    setattr(constants, "DOWNLOAD_CHUNK_SIZE", None)  # noqa: B010 - typed int upstream; None is httpx's own value
     redactor = progress.install_redaction([opts.token] if opts.token else [])
     progress.COMPLETE.set(0)
     repo_id = opts.model
@@ -700,6 +706,16 @@ def main(args: argparse.Namespace) -> int:
     except SiblingURLError as error:
         print(f"cache: {error}", file=sys.stderr)
         return summary.EXIT_USAGE
+    adapters = None
+    if getattr(args, "adapters_file", None) is not None:
+        from vllm_runtime.adapters import caching as adapter_cache
+        from vllm_runtime.adapters.desired import AdaptersFileError
+
+        try:
+            adapters = adapter_cache.read_entries(Path(args.adapters_file))
+        except AdaptersFileError as error:
+            print(f"cache: --adapters-file {error}", file=sys.stderr)
+            return summary.EXIT_USAGE
     opts = CacheOptions(
         model=args.model,
         cache_dir=Path(args.cache_dir),
@@ -722,11 +738,22 @@ def main(args: argparse.Namespace) -> int:
     stop_metrics = _start_metrics_server(args.metrics_port) if args.metrics_port else None
     try:
         result = run_cache(opts)
+        if result.ok and adapters is not None:  # after the base model; its outcome stays the summary's
+            result.extra["adapters"] = adapter_cache.cache_adapters(opts, adapters)
+            progress.COMPLETE.set(1)
+            progress.CACHE_BYTES.set(result.bytes or 0)
+            progress.CACHE_FILES.set(result.files or 0)
     finally:
         if stop_metrics is not None:
             stop_metrics()
+    if result.ok and not result.extra.get("path"):  # an adapter repo cached as a model: its rank etc.
+        from vllm_runtime.adapters.caching import describe_cached
+
+        describe_cached(result, opts.cache_dir)
     if result.ok and plan_kwargs is not None:
         plan_cached(result, opts.cache_dir, plan_kwargs)
+    if adapters is not None:
+        adapter_cache.fit_summary(result)
     if opts.token and result.message:  # our messages never contain it; this guards against future ones
         result.message = result.message.replace(opts.token, "***")
     print(result.to_json(), flush=True)
@@ -760,6 +787,9 @@ def register(subparsers: Any) -> None:
                         help="seconds between progress log lines (default: 10)")
     parser.add_argument("--verify-existing", action="store_true",
                         help="re-hash an already cached commit before reusing it (a corrupt file is fetched again)")
+    parser.add_argument("--adapters-file", metavar="PATH",
+                        help="also cache the LoRA adapters this JSON/YAML file lists ({\"adapters\": [{name, model, "
+                        "revision}]}), each after the base model, pinned and verified like it (docs/adapters.md)")
     parser.add_argument("--sibling", action="append", default=[], metavar="URL",
                         help="a peer replica's sibling server (http://host:8090; repeatable; also "
                         f"${SIBLINGS_ENV}, comma separated): file bytes come from a sibling, the file list and "
