@@ -465,6 +465,13 @@ def test_ls_marks_adapters_and_their_rank(cached_adapters: dict[str, Any], capsy
     kinds = {(e.repo_id, e.adapter) for e in entries}
     assert (TINY_REPO, False) in kinds and ("test-org/sql-lora", True) in kinds
     assert next(e for e in entries if e.repo_id == "test-org/chat-lora").lora_rank == 16
+    # a rank_pattern above r counts (vLLM sizes by the largest module rank)
+    sql = next(e for e in entries if e.repo_id == "test-org/sql-lora")
+    config_path = CacheLayout(cached_adapters["cache"]).snapshot_dir(sql.repo_id, sql.commit) / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.unlink()  # a symlink into blobs/: replace it, the blob stays as it was
+    config_path.write_text(json.dumps({**config, "rank_pattern": {"q_proj": 32}}))
+    assert next(e for e in manage.list_cache(cached_adapters["cache"]) if e.commit == sql.commit).lora_rank == 32
     assert cli.main(["ls", "--cache-dir", str(cached_adapters["cache"])]) == 0
     out = capsys.readouterr().out
     assert "adapter" in out and "model" in out

@@ -166,8 +166,9 @@ def _adapter_facts(layout: CacheLayout, manifest: dict[str, Any]) -> tuple[bool,
         )
     except (OSError, ValueError):
         return True, None
-    rank = config.get("r") if isinstance(config, dict) else None
-    return True, rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+    from vllm_runtime.adapters.checks import rank_of  # the same rank the converger and the cache report
+
+    return True, rank_of(config) if isinstance(config, dict) else None
 
 
 def _blob_refs(layout: CacheLayout) -> dict[Path, set[tuple[str, str]]]:
