@@ -20,8 +20,26 @@ stands in for what:
   fails. The default outcome is success with a commit derived from model and revision.
 - **A Deployment controller**: a new or changed Deployment gets ``status`` (observedGeneration,
   replicas, updatedReplicas, readyReplicas) as if all its pods became ready at once
-  (``deployments_ready = False`` keeps them unready). No ReplicaSets or model pods are emulated.
+  (``deployments_ready = False`` keeps them unready). No ReplicaSets are emulated; with
+  ``server_pods = True`` each rollout also replaces the Deployment's pods (named
+  ``<deployment>-g<generation>-<i>``, the template's labels, Ready, ``podIP`` 127.0.0.1), so a test can
+  serve their runtime's ``/status`` and see whether a change replaced them.
 - **A PVC binder**: new PVCs become ``Bound`` (``bind_pvcs = False`` leaves them ``Pending``).
+- **A StatefulSet controller** (``cache.sharing: PerReplica``): claims ``<template>-<set>-<ordinal>`` from
+  ``volumeClaimTemplates`` (an existing claim of that name is used as is), pods ``<set>-<ordinal>`` labelled
+  ``controller-revision-hash``, the ``RollingUpdate`` partition (ordinals at or above it get the newest
+  template, replaced highest first, one at a time), ``Parallel`` scaling, and status (replicas, readyReplicas,
+  updatedReplicas, currentRevision/updateRevision, observedGeneration). Each new pod's init container
+  ``cache`` terminates with a summary as ``vllm-runtime cache`` writes it: ``downloadedBytes`` 0 when its claim
+  already held the commit (a warm claim), else the model's bytes. ``unschedulable = "<scheduler message>"``
+  leaves new model pods (also a Deployment's surge pod) Pending with PodScheduled False/Unschedulable, the
+  condition dated ``unschedulable_for`` seconds back (standing in for the time a test would otherwise wait).
+- **Optional APIs and CRD-driven discovery**: KEDA's ScaledObject and the InferencePool are declared
+  (``optional_apis = False`` leaves them out); ``uninstall``/``install`` take an API out of discovery
+  or put it back with a CustomResourceDefinition object (whose watch event makes kopf re-scan, as a
+  real CRD's does). A request for a resource that discovery does not list is answered 404, as an API
+  server answers for a CRD that is not installed (kmock alone would store the object). No KEDA or
+  HPA controller runs: tests write ``spec.replicas`` through ``/scale`` as the autoscaler would.
 - **Faults that reject**: a ``Fault`` fed into a kmock reaction (``emu[...] << Fault(2, 500)``) answers
   with a Kubernetes error, and while it is armed the request does not change the stored state -- as
   a real API server that refuses a write. (kmock by itself applies writes even when a reaction
@@ -40,6 +58,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp.web
 import attrs
 import kmock
 from kmock._internal import dicts as kmock_dicts
@@ -54,6 +73,16 @@ DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
 SERVICES = kmock.resource("", "v1", "services")
 PVCS = kmock.resource("", "v1", "persistentvolumeclaims")
 EVENTS = kmock.resource("", "v1", "events")
+CONFIGMAPS = kmock.resource("", "v1", "configmaps")  # spec.adapters: the adapters file
+STATEFULSETS = kmock.resource("apps", "v1", "statefulsets")
+PDBS = kmock.resource("policy", "v1", "poddisruptionbudgets")
+NETWORKPOLICIES = kmock.resource("networking.k8s.io", "v1", "networkpolicies")
+SCALEDOBJECTS = kmock.resource("keda.sh", "v1alpha1", "scaledobjects")
+HPAS = kmock.resource("autoscaling", "v2", "horizontalpodautoscalers")
+INFERENCEPOOLS = kmock.resource("inference.networking.k8s.io", "v1", "inferencepools")
+CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+_OPTIONAL = {SCALEDOBJECTS: ("ScaledObject", "scaledobject"), HPAS: ("HorizontalPodAutoscaler", "horizontalpodautoscaler"),
+             INFERENCEPOOLS: ("InferencePool", "inferencepool")}  # fmt: skip
 
 
 def commit_for(model: str, revision: str) -> str:
@@ -72,6 +101,7 @@ class CacheOutcome:
     bytes: int = 5 * 2**20
     files: int = 4
     plan: dict[str, Any] | None = None  # the memory plan a ``--plan-*`` cache run reports
+    adapter: dict[str, Any] | None = None  # a LoRA adapter repo's facts (rank, targetModules) the summary reports
     # Set: the Job's outcome is reported first and its pod's termination message only once this is set
     # (the Job and Pod watches are separate streams; a real cluster can deliver them in either order).
     pod_report: asyncio.Event | None = field(default=None, compare=False)
@@ -80,6 +110,8 @@ class CacheOutcome:
         base = {"command": "cache", "model": model, "revision": revision}
         if self.ok:
             extra = {} if self.plan is None else {"plan": self.plan}
+            if self.adapter is not None:
+                extra["adapter"] = self.adapter
             return {**base, "ok": True, "commit": self.commit or commit_for(model, revision), "bytes": self.bytes,
                     "files": self.files, "verified": True, "completedAt": _now(), "durationSeconds": 1.5, **extra}  # fmt: skip
         return {**base, "ok": False, "reason": self.reason, "message": self.message, "retryable": False}
@@ -122,6 +154,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
     outcomes: dict[str, CacheOutcome | None] = attrs.field(factory=dict)  # by revision; missing: success
     deployments_ready: bool = True
     bind_pvcs: bool = True
+    unschedulable: str | None = None  # the scheduler's message for new model pods; None: they schedule
+    unschedulable_for: float = 45.0
+    filled: dict[tuple[str, str], set[str]] = attrs.field(factory=dict)  # (ns, claim) -> commits on it
+    _sts_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
+    _sts_templates: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)  # revision -> template
+    server_pods: bool = False
+    optional_apis: bool = True
 
     _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
@@ -134,6 +173,32 @@ class KubeEmulator(kmock.KubernetesEmulator):
             kind=crd.KIND, singular=crd.SINGULAR, namespaced=True, shortnames=set(crd.SHORT_NAMES),
             verbs={"get", "list", "watch", "create", "update", "patch", "delete"}, subresources={"status", "scale"},
         )  # fmt: skip
+        for resource in (SCALEDOBJECTS, INFERENCEPOOLS):
+            if self.optional_apis:
+                self._declare(resource)
+
+    def _declare(self, resource: kmock.resource) -> None:
+        kind, singular = _OPTIONAL[resource]
+        self.resources[resource] = kmock.ResourceInfo(
+            kind=kind, singular=singular, namespaced=True,
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"}, subresources={"status"},
+        )  # fmt: skip
+
+    def uninstall(self, resource: kmock.resource) -> None:
+        """Take ``resource`` out of discovery: its requests are answered 404 from now on."""
+        self.resources.pop(resource, None)
+
+    async def install(self, resource: kmock.resource) -> None:
+        """Put ``resource`` (back) into discovery and announce its CRD, as ``kubectl apply -f crds.yaml`` would."""
+        self._declare(resource)
+        kind, singular = _OPTIONAL[resource]
+        await self.put(CRDS, None, f"{resource.plural}.{resource.group}", {  # type: ignore[arg-type]
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "spec": {"group": resource.group, "scope": "Namespaced",
+                     "names": {"kind": kind, "plural": resource.plural, "singular": singular},
+                     "versions": [{"name": resource.version, "served": True, "storage": True}]},
+            "status": {"conditions": [{"type": "Established", "status": "True"}]},
+        })  # fmt: skip
 
     # --- reading the state, for assertions ----------------------------------------------------------
 
@@ -218,6 +283,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is None:
             return await super()._handle(request)
+        if request.resource.plural and request.resource not in self.resources:  # a CRD that is not installed
+            status = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound",
+                      "message": "the server could not find the requested resource"}  # fmt: skip
+            return aiohttp.web.json_response(status, status=404)
         if self._faulted(request):
             return await kmock.RawHandler._handle(self, request)  # the fault answers; the state stays
         if request.action not in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
@@ -315,6 +384,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             reaction = self._run_job(obj)
         elif resource == DEPLOYMENTS and (before is None or before.get("spec") != obj.get("spec")):
             reaction = self._roll_deployment(obj)
+        elif resource == STATEFULSETS and (before is None or before.get("spec") != obj.get("spec")):
+            reaction = self._roll_statefulset(obj)
         elif resource == PVCS and before is None and self.bind_pvcs:
             meta = obj["metadata"]
             reaction = self.put(PVCS, meta["namespace"], meta["name"], {"status": {"phase": "Bound"}})
@@ -355,6 +426,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         container = job["spec"]["template"]["spec"]["containers"][0]
         args = container.get("args") or []
         message = json.dumps(outcome.summary(_arg(args, "--model"), _arg(args, "--revision")))
+        if outcome.ok:  # the commit is on the claim now (a replica's init container finds it warm)
+            for volume in job["spec"]["template"]["spec"].get("volumes") or []:
+                claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+                if volume.get("name") == "cache" and claim:
+                    revision = _arg(args, "--revision")
+                    pinned = len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
+                    self.filled.setdefault((ns, claim), set()).add(
+                        revision if pinned else outcome.summary(_arg(args, "--model"), revision)["commit"])
         terminated = {"exitCode": 0 if outcome.ok else 3, "reason": "Completed" if outcome.ok else "Error",
                       "message": message, "finishedAt": _now()}  # fmt: skip
         pod_status = {"status": {
@@ -382,7 +461,133 @@ class KubeEmulator(kmock.KubernetesEmulator):
         ready = replicas if self.deployments_ready else 0
         status = {"observedGeneration": meta.get("generation", 1), "replicas": replicas, "updatedReplicas": replicas,
                   "readyReplicas": ready, "availableReplicas": ready}  # fmt: skip
+        if self.server_pods:
+            await self._replace_server_pods(deployment, ready > 0)
+        if self.unschedulable is not None and int(meta.get("generation", 1)) > 1:
+            # The surge pod of the new template cannot be scheduled: the old pods keep serving.
+            template = deployment["spec"]["template"]
+            await self.put(PODS, meta["namespace"], f"{meta['name']}-g{meta.get('generation')}-surge",
+                           self._pending_pod(template))  # fmt: skip
+            status = {"observedGeneration": meta.get("generation", 1), "replicas": replicas + 1, "updatedReplicas": 0}
         await self.put(DEPLOYMENTS, meta["namespace"], meta["name"], {"status": status})
+
+    def _pending_pod(self, template: dict[str, Any]) -> dict[str, Any]:
+        since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=self.unschedulable_for)
+        return {
+            "metadata": {"labels": dict(template["metadata"].get("labels") or {})},
+            "status": {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": self.unschedulable,
+                "lastTransitionTime": since.strftime("%Y-%m-%dT%H:%M:%SZ")}]},
+        }  # fmt: skip
+
+    # --- the StatefulSet controller ------------------------------------------------------------------
+
+    async def _roll_statefulset(self, sts: dict[str, Any]) -> None:
+        await asyncio.sleep(0.05)
+        async with self._sts_lock:  # one step at a time, as the controller's work queue does per object
+            current = self.read(STATEFULSETS, sts["metadata"]["namespace"], sts["metadata"]["name"])
+            if current is not None:
+                await self._sync_statefulset(current)
+
+    async def _sync_statefulset(self, sts: dict[str, Any]) -> None:
+        meta, spec = sts["metadata"], sts["spec"]
+        ns, name = meta["namespace"], meta["name"]
+        replicas = int(spec.get("replicas", 1))
+        partition = int(((spec.get("updateStrategy") or {}).get("rollingUpdate") or {}).get("partition") or 0)
+        template = spec["template"]
+        revision = f"{name}-{hashlib.sha1(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]}"
+        self._sts_templates[revision] = template
+        old = (sts.get("status") or {}).get("currentRevision") or revision
+        for ordinal in range(replicas):
+            for claim_template in spec.get("volumeClaimTemplates") or []:
+                claim = f"{claim_template['metadata']['name']}-{name}-{ordinal}"
+                if self.read(PVCS, ns, claim) is None:
+                    labels = {**(claim_template["metadata"].get("labels") or {}), **spec["selector"]["matchLabels"]}
+                    await self.put(PVCS, ns, claim, {
+                        "metadata": {"labels": labels, "annotations": claim_template["metadata"].get("annotations")},
+                        "spec": claim_template["spec"], "status": {"phase": "Bound"}})  # fmt: skip
+        for pod_name in self.names(PODS, ns):
+            number = _ordinal(name, pod_name)
+            if number is not None and number >= replicas:
+                await self.remove(PODS, ns, pod_name)
+        for ordinal in reversed(range(replicas)):  # highest ordinal first, one at a time
+            wanted = revision if ordinal >= partition else old
+            pod = self.read(PODS, ns, f"{name}-{ordinal}")
+            if pod is not None and (pod["metadata"].get("labels") or {}).get("controller-revision-hash") == wanted:
+                continue
+            if pod is not None:
+                await self.remove(PODS, ns, f"{name}-{ordinal}")
+                await asyncio.sleep(0.02)
+            await self._start_replica(sts, ordinal, wanted, self._sts_templates.get(wanted, template))
+        pods = [self.read(PODS, ns, f"{name}-{i}") for i in range(replicas)]
+        hashes = [((p or {}).get("metadata", {}).get("labels") or {}).get("controller-revision-hash") for p in pods]
+        ready = sum(1 for p in pods if p and any(c.get("type") == "Ready" and c.get("status") == "True"
+                                                  for c in p["status"].get("conditions") or []))  # fmt: skip
+        updated = sum(1 for h in hashes if h == revision)
+        status = {"observedGeneration": meta.get("generation", 1), "replicas": sum(1 for p in pods if p),
+                  "readyReplicas": ready, "availableReplicas": ready, "updatedReplicas": updated,
+                  "currentReplicas": sum(1 for h in hashes if h == (revision if updated == replicas else old)),
+                  "updateRevision": revision, "currentRevision": revision if updated == replicas else old}  # fmt: skip
+        await self.put(STATEFULSETS, ns, name, {"status": status})
+
+    async def _start_replica(self, sts: dict[str, Any], ordinal: int, revision: str, template: dict[str, Any]) -> None:
+        meta = sts["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        labels = {**(template["metadata"].get("labels") or {}), "controller-revision-hash": revision,
+                  "statefulset.kubernetes.io/pod-name": f"{name}-{ordinal}"}  # fmt: skip
+        owner = [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name, "uid": meta["uid"], "controller": True}]
+        if self.unschedulable is not None:
+            pod = self._pending_pod(template)
+            pod["metadata"] = {"labels": labels, "ownerReferences": owner}
+            await self.put(PODS, ns, f"{name}-{ordinal}", pod)
+            return
+        init = template["spec"]["initContainers"][0]
+        args = init.get("args") or []
+        model, commit = _arg(args, "--model"), _arg(args, "--revision")
+        claim = f"{sts['spec']['volumeClaimTemplates'][0]['metadata']['name']}-{name}-{ordinal}"
+        warm = commit in self.filled.setdefault((ns, claim), set())
+        self.filled[(ns, claim)].add(commit)
+        if "--adapters-file" in args:  # spec.adapters: the published adapters are cached into the claim too
+            published = self.read(CONFIGMAPS, ns, f"{name}-adapters") or {}
+            text = (published.get("data") or {}).get("adapters.json") or "{}"
+            self.filled[(ns, claim)] |= {e["commit"] for e in json.loads(text).get("adapters", []) if e.get("commit")}
+        summary = {**CacheOutcome(commit=commit).summary(model, commit),
+                   "downloadedBytes": 0 if warm else CacheOutcome().bytes}  # fmt: skip
+        await self.put(PODS, ns, f"{name}-{ordinal}", {
+            "metadata": {"labels": labels, "ownerReferences": owner,
+                         "annotations": dict(template["metadata"].get("annotations") or {})},
+            "status": {"phase": "Running", "podIP": "127.0.0.1",
+                       "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+                       "initContainerStatuses": [{"name": init["name"], "ready": True, "restartCount": 0, "state": {
+                           "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)}}}],
+                       "containerStatuses": [{"name": "vllm", "ready": True, "restartCount": 0,
+                                              "state": {"running": {"startedAt": _now()}}}]},
+        })  # fmt: skip
+
+    async def _replace_server_pods(self, deployment: dict[str, Any], ready: bool) -> None:
+        meta = deployment["metadata"]
+        ns, name, generation = meta["namespace"], meta["name"], meta.get("generation", 1)
+        template = deployment["spec"]["template"]
+        wanted = {f"{name}-g{generation}-{i}" for i in range(int(deployment["spec"].get("replicas", 1)))}
+        for pod in self.names(PODS, ns):
+            body = self.read(PODS, ns, pod) or {}
+            owner = (body["metadata"].get("annotations") or {}).get("emulator/deployment")
+            if owner == name and pod not in wanted:
+                await self.remove(PODS, ns, pod)
+        for pod in sorted(wanted - set(self.names(PODS, ns))):
+            await self.put(PODS, ns, pod, {
+                "metadata": {"labels": dict(template["metadata"].get("labels") or {}),
+                             "annotations": {"emulator/deployment": name}},
+                "status": {"phase": "Running", "podIP": "127.0.0.1",
+                           "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                           "containerStatuses": [{"name": "vllm", "ready": ready, "restartCount": 0,
+                                                  "state": {"running": {"startedAt": _now()}}}]},
+            })  # fmt: skip
+
+
+def _ordinal(statefulset: str, pod: str) -> int | None:
+    rest = pod.removeprefix(statefulset + "-")
+    return int(rest) if rest != pod and rest.isdigit() else None
 
 
 def _name_of(data: Any) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from typing import Any
 
@@ -301,11 +302,29 @@ def test_deployment_serves_the_commit_with_the_spec_flags() -> None:
     dep = builders.deployment_for(m, CONFIG, COMMIT)
     args = container(dep)["args"]
     assert args[: args.index("--")] == ["serve", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--revision", COMMIT,
-                                        "--cache-dir", "/cache", "--port", "8000", "--metrics-port", "9090"]  # fmt: skip
+                                        "--cache-dir", "/cache", "--port", "8000", "--metrics-port", "9090",
+                                        "--endpoint-drain-seconds", "5", "--drain-timeout", "25"]  # fmt: skip
     assert args[args.index("--") + 1 :] == vllm_args.vllm_flags(m.spec)
     assert vllm_args.settings_from_flags(args[args.index("--") + 1 :])["maxModelLen"] == 4096
     assert dep["spec"]["template"]["metadata"]["annotations"]["vllm-operator.io/commit"] == COMMIT
     assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+
+
+def test_server_pods_drain_within_their_grace_period() -> None:
+    """SIGTERM: /ready fails and vLLM serves on for the endpoint drain, then drains in-flight requests; the
+    kubelet's SIGKILL (after terminationGracePeriodSeconds) comes only after both and serve's own kill."""
+    from vllm_runtime.serve import register
+
+    dep = builders.deployment_for(make(), CONFIG, COMMIT)
+    args = container(dep)["args"]
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    parsed = parser.parse_args(args)  # the flags exist in serve, spelled as the operator writes them
+    grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert parsed.endpoint_drain_seconds == builders.ENDPOINT_DRAIN_SECONDS > 0
+    assert parsed.drain_timeout == builders.DRAIN_TIMEOUT_SECONDS > 0
+    assert grace >= parsed.endpoint_drain_seconds + parsed.drain_timeout + builders.STOP_MARGIN_SECONDS
+    assert grace > 30  # more than Kubernetes' default, which the two drains alone would fill
 
 
 def test_new_commit_changes_the_pod_template() -> None:

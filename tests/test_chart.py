@@ -213,12 +213,22 @@ NAMESPACED_RIGHTS: dict[tuple[str, str], set[str]] = {
     ("vllm-operator.io", "vllmmodels"): {"list", "watch"},  # kopf's watch and index of the models
     ("vllm-operator.io", "vllmmodels/status"): {"patch"},  # KubeClient.patch_status
     ("vllm-operator.io", "vllmmodels/finalizers"): {"update"},  # blockOwnerDeletion on the children
-    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},  # get: a pvc:// model's claim
+    # get: a pvc:// model's claim; delete: a scaled-down replica's claim past spec.cache.scaledDownRetentionSeconds
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "services"): {"list", "watch", "create", "patch"},
-    ("apps", "deployments"): {"list", "watch", "create", "patch"},
+    ("apps", "deployments"): {"list", "watch", "create", "patch", "delete"},  # delete: a change of cache.sharing
+    ("apps", "statefulsets"): {"list", "watch", "create", "patch", "delete"},  # cache.sharing PerReplica
+    ("policy", "poddisruptionbudgets"): {"list", "watch", "create", "patch", "delete"},  # 2+ replicas only
+    ("networking.k8s.io", "networkpolicies"): {"list", "watch", "create", "patch"},  # the sibling port
     ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},  # cache Jobs no longer wanted go
     ("", "pods"): {"list", "watch"},  # read only: termination messages, crash-loop reasons
+    ("", "configmaps"): {"list", "watch", "create", "patch"},  # only its own: the adapters file (spec.adapters)
     ("", "events"): {"create"},  # KubeClient.post_event
+    # spec.autoscaling / spec.routing: the operator's own autoscaler and InferencePool, deleted when turned off or
+    # when the engine switches.
+    ("keda.sh", "scaledobjects"): {"list", "watch", "create", "patch", "delete"},
+    ("autoscaling", "horizontalpodautoscalers"): {"list", "watch", "create", "patch", "delete"},
+    ("inference.networking.k8s.io", "inferencepools"): {"list", "watch", "create", "patch", "delete"},
 }
 # Cluster-wide mode only: kopf's scanning notices the CRD (namespaced mode disables scanning, reads nothing).
 CLUSTER_ONLY_RIGHTS: dict[tuple[str, str], set[str]] = {
@@ -228,6 +238,7 @@ CLUSTER_ONLY_RIGHTS: dict[tuple[str, str], set[str]] = {
 CLIENT_VERBS: dict[str, set[str]] = {
     "get": {"get"}, "list": {"list"}, "apply": {"create", "patch"}, "patch_status": {"patch"},
     "post_event": {"create"}, "delete": {"delete"},
+    "served": set(),  # discovery (GET /apis/<group>/<version>): every authenticated user may (system:discovery)
 }  # fmt: skip
 OPERATOR_SOURCES = ROOT / "operator" / "vllm_operator"
 
@@ -271,9 +282,15 @@ def test_rights_table_is_least_privilege() -> None:
     assert NAMESPACED_RIGHTS[("", "events")] == {"create"}
     for (group, resource), verbs in {**NAMESPACED_RIGHTS, **CLUSTER_ONLY_RIGHTS}.items():
         assert "*" not in verbs and "*" not in (group, resource), (group, resource)
-        assert resource not in {"secrets", "namespaces", "configmaps"}, "the operator never reads these"
+        assert resource not in {"secrets", "namespaces"}, "the operator never reads these"
         if "delete" in verbs or "deletecollection" in verbs:
-            assert (group, resource) == ("batch", "jobs"), "the operator deletes only cache Jobs"
+            # Cache Jobs no longer wanted, expired claims of scaled-down replicas, the workload of a former
+            # cache.sharing, a disruption budget for fewer than 2 replicas: each only of its own models.
+            assert (group, resource) in {("batch", "jobs"), ("", "persistentvolumeclaims"), ("apps", "deployments"),
+                                         ("apps", "statefulsets"), ("policy", "poddisruptionbudgets"),
+                                         ("keda.sh", "scaledobjects"), ("autoscaling", "horizontalpodautoscalers"),
+                                         ("inference.networking.k8s.io", "inferencepools")}, resource  # fmt: skip
+        assert "deletecollection" not in verbs
 
 
 def _client_calls() -> list[tuple[str, str, ast.Call | None]]:
@@ -325,8 +342,15 @@ def _rights_the_code_needs(namespaces: tuple[str, ...]) -> dict[tuple[str, str],
         needed.setdefault((group, resource), set()).update(verbs)
 
     model = VLLMModel.from_body({"metadata": {"name": "m", "namespace": "ns", "uid": "u1"},
-                                 "spec": {"model": "org/name"}})  # fmt: skip
+                                 "spec": {"model": "org/name", "adapters": [{"name": "a", "model": "org/a"}]}})  # fmt: skip
     children = builders.children_for(model, Config(), "0" * 40)
+    fleet = VLLMModel.from_body({"metadata": {"name": "m", "namespace": "ns", "uid": "u1"},
+                                 "spec": {"model": "org/name", "replicas": 2}})  # RWO: a claim per replica  # fmt: skip
+    children += builders.children_for(fleet, Config(), "0" * 40)
+    for engine in ("keda", "hpa"):  # spec.autoscaling and spec.routing: the autoscaler and the InferencePool
+        scaled = VLLMModel.from_body({"metadata": {"name": "m", "namespace": "ns", "uid": "u1"}, "spec": {
+            "model": "org/name", "autoscaling": {"engine": engine, "maxReplicas": 1}, "routing": {"inferencePool": True}}})  # fmt: skip
+        children += builders.children_for(scaled, Config(prometheus_address="http://prometheus:9090"), "0" * 40)
     for path, method, call in _client_calls():
         verbs = CLIENT_VERBS[method]
         if method == "apply":  # the object's kind decides: every child the builders make
@@ -432,7 +456,8 @@ def test_dashboard_configmap_is_picked_up_by_the_grafana_sidecar() -> None:
     dashboard = json.loads(text)
     assert dashboard["uid"] and dashboard["title"]
     titles = {p["title"] for p in dashboard["panels"]}
-    for wanted in ("Requests", "GPU memory", "Cache", "Start-up phases", "Weight download"):
+    for wanted in ("Requests", "GPU memory", "Cache", "Start-up phases", "Weight download",
+                   "LoRA adapters: loaded / ready replicas"):
         assert wanted in titles
     assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "namespace", "model"}
     assert not by_kind(render_objects(), "ConfigMap"), "the dashboard is opt-in"

@@ -10,6 +10,7 @@ pods actually running vLLM (the e2e tests), and the timing of a real rollout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -145,6 +146,19 @@ async def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEO
         await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def operator_on(emu: KubeEmulator, config: Config) -> AsyncIterator[Cluster]:
+    """The real operator against ``emu`` (served over HTTP), for a test module's fixture."""
+    async with kmock.Server(emu) as server:
+        operator = Operator(config, str(server.url).rstrip("/"))
+        await operator.start()
+        try:
+            yield Cluster(emu, operator)
+        finally:
+            if operator.thread is not None:
+                await operator.stop()
+
+
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next(c for c in status["conditions"] if c["type"] == type_)
 
@@ -256,7 +270,8 @@ async def test_revision_change_caches_first_then_rolls(cluster: Cluster) -> None
 
 async def test_scale_through_the_scale_subresource(cluster: Cluster) -> None:
     ns, emu = "scale", cluster.emu
-    await cluster.create(ns, "m")
+    # A shared cache: the Deployment scales (ReadWriteOnce would move to a StatefulSet: test_replicas_kmock.py).
+    await cluster.create(ns, "m", cache={"accessModes": ["ReadWriteMany"]})
     await cluster.ready(ns, "m")
     await cluster.patch(ns, "m", {"spec": {"replicas": 3}}, subresource="scale")
     await eventually(lambda: emu.read(DEPLOYMENTS, ns, "m")["spec"]["replicas"] == 3, "Deployment scaled")  # type: ignore[index]
@@ -340,7 +355,7 @@ async def test_api_faults_then_convergence(cluster: Cluster) -> None:
 
 async def test_dropped_watch_then_convergence(cluster: Cluster) -> None:
     ns, emu = "watchdrop", cluster.emu
-    await cluster.create(ns, "m")
+    await cluster.create(ns, "m", cache={"accessModes": ["ReadWriteMany"]})  # a Deployment at 2 replicas
     await cluster.ready(ns, "m")
     # The watch breaks, and the next reconnections fail too, while the spec changes.
     reconnects = Fault(2, 500)
@@ -567,5 +582,6 @@ async def test_namespaced_mode_reads_nothing_cluster_wide(tiny_model_dir: Path) 
         assert "/api/v1/namespaces" not in paths, "no namespace observation: the chart's Role does not allow it"
         assert not [p for p in paths if p.endswith("/customresourcedefinitions")], "no CRD observation (discovery is fine)"
         watched = {p for p in paths if "/namespaces/" not in p and p.rsplit("/", 1)[-1] in {
-            "vllmmodels", "jobs", "pods", "deployments", "services", "persistentvolumeclaims"}}  # fmt: skip
+            "vllmmodels", "jobs", "pods", "deployments", "services", "persistentvolumeclaims",
+            "scaledobjects", "horizontalpodautoscalers", "inferencepools"}}  # fmt: skip
         assert watched == set(), f"cluster-wide reads of objects: {watched}"

@@ -212,12 +212,15 @@ def test_revision_change_rolls_once_the_new_commit_is_cached() -> None:
 
 
 def test_scale_copies_replicas_to_the_deployment() -> None:
-    m = model(replicas=3)
-    obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(model(), NEW), service=service(m))
+    # A shared (ReadWriteMany) cache: a Deployment; 3 replicas also get a disruption budget (plan.replicas_step).
+    m = model(replicas=3, cache={"accessModes": ["ReadWriteMany"]})
+    one = model(cache={"accessModes": ["ReadWriteMany"]})
+    obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(one, NEW), service=service(m))
     plan = plan_reconcile(m, obs, CONFIG)
-    assert kinds(plan.actions) == ["Apply:Deployment"]
+    assert kinds(plan.actions) == ["Apply:Deployment", "Apply:PodDisruptionBudget"]
     assert plan.actions[0].obj["spec"]["replicas"] == 3  # type: ignore[union-attr]
-    assert plan.events == [], "same commit: scaling is not a new deployment"
+    assert [e.reason for e in plan.events] == ["ScaledUp"], "same commit: scaling is not a new deployment"
+    assert plan.events[0].message.startswith("from 1 to 3 replicas: spec.replicas set to 3")
 
 
 def test_scaled_to_zero() -> None:
@@ -225,7 +228,7 @@ def test_scaled_to_zero() -> None:
     obs = observed(m, jobs=[job(m, "succeeded", ok(NEW))], deployment=deployment(m, NEW, ready=0), service=service(m))
     plan = plan_reconcile(m, obs, CONFIG)
     assert condition(plan.status, "Ready")["reason"] == "ScaledToZero"
-    assert plan.status["phase"] == "Pending"
+    assert plan.status["phase"] == "Idle", "scaled to zero is not a failure, nor waiting"
 
 
 def test_children_deleted_by_hand_come_back() -> None:

@@ -44,7 +44,16 @@ def test_render_prints_every_child_of_every_example(capsys: pytest.CaptureFixtur
     assert set(kinds_per_model) == {m["metadata"]["name"] for m in models}
     for m in models:
         has_pvc = not m["spec"]["model"].startswith("pvc://") and "existingClaim" not in m["spec"].get("cache", {})
-        expected = ["PersistentVolumeClaim"] * has_pvc + ["Job", "Deployment", "Service"]
+        scaling = m["spec"].get("autoscaling")
+        autoscaler = [] if not scaling else ["HorizontalPodAutoscaler" if scaling.get("engine") == "hpa" else "ScaledObject"]
+        pool = ["InferencePool"] if (m["spec"].get("routing") or {}).get("inferencePool") else []
+        model = VLLMModel.from_body(m)  # cache.sharing PerReplica: a StatefulSet, its headless Service and policy
+        workload = ["StatefulSet", "Service", "Service", "NetworkPolicy"] if model.per_replica else ["Deployment", "Service"]
+        budget = ["PodDisruptionBudget"] if model.max_replicas >= 2 else []
+        adapters = m["spec"].get("adapters")  # spec.adapters: a cache Job per Hub adapter, and the adapters ConfigMap
+        lora = ["Job"] * sum(1 for a in adapters or [] if not a["model"].startswith("pvc://")) + ["ConfigMap"] * (
+            adapters is not None)  # fmt: skip
+        expected = ["PersistentVolumeClaim"] * has_pvc + ["Job"] + lora + workload + budget + autoscaler + pool
         assert kinds_per_model[m["metadata"]["name"]] == expected
     # Exactly what the builders produce (the same functions the live operator calls).
     assert documents == rendered_examples()
@@ -54,7 +63,12 @@ def test_render_prints_every_child_of_every_example(capsys: pytest.CaptureFixtur
 def test_rendered_objects_validate_against_official_schemas(version: str) -> None:
     objects = rendered_examples()
     assert len(objects) >= 30
-    for obj in objects:
+    # Custom resources (KEDA's ScaledObject, the InferencePool) are not in Kubernetes' schemas: tests/test_autoscaling.py
+    # validates them against their own (KEDA's CRD models, the InferencePool's published API).
+    custom = {"keda.sh/v1alpha1", "inference.networking.k8s.io/v1"}
+    checked = [obj for obj in objects if obj["apiVersion"] not in custom]
+    assert any(obj["kind"] == "HorizontalPodAutoscaler" for obj in checked)
+    for obj in checked:
         kubernetes_validate.validate(obj, version, strict=True)
 
 
@@ -177,7 +191,8 @@ def test_console_script_renders_the_examples() -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("\nkind: Deployment\n") == len(list(EXAMPLES.glob("*.yaml")))
+    workloads = result.stdout.count("\nkind: Deployment\n") + result.stdout.count("\nkind: StatefulSet\n")
+    assert workloads == len(list(EXAMPLES.glob("*.yaml")))
 
 
 # --- render is what the operator applies ---------------------------------------------------------------
@@ -220,15 +235,24 @@ def planned_children(body: dict[str, Any], config: Config, commit: str) -> tuple
     elif model.existing_claim:
         pvc = {"metadata": {"name": model.existing_claim, "uid": "pvc-uid"}, "status": {"phase": "Bound"}}
     step(pvc=pvc)
-    job = dict(applied[-1])
-    job["status"] = {"succeeded": 1, "completionTime": "2026-12-01T00:00:00Z",
-                     "conditions": [{"type": "Complete", "status": "True"}]}  # fmt: skip
-    summary = {"ok": True, "command": "cache", "commit": commit, "bytes": 1, "files": 1, "verified": True}
-    pod = {"metadata": {"name": "p", "labels": {"job-name": job["metadata"]["name"]}},
-           "status": {"containerStatuses": [{"name": "cache", "state": {"terminated": {
-               "exitCode": 0, "message": json.dumps(summary)}}}]}}  # fmt: skip
-    step(pvc=pvc, jobs={job["metadata"]["name"]: job}, pods=[pod])
-    return applied, "pvc-uid" if pvc is not None else None
+    jobs, pods = {}, []  # the cache Job, and with spec.adapters each adapter's: all succeed
+    for obj in [o for o in applied if o["kind"] == "Job"]:
+        job = {**obj, "status": {"succeeded": 1, "completionTime": "2026-12-01T00:00:00Z",
+                                 "conditions": [{"type": "Complete", "status": "True"}]}}  # fmt: skip
+        summary = {"ok": True, "command": "cache", "commit": commit, "bytes": 1, "files": 1, "verified": True}
+        pods.append({"metadata": {"name": f"p{len(pods)}", "labels": {"job-name": job["metadata"]["name"]}},
+                     "status": {"containerStatuses": [{"name": "cache", "state": {"terminated": {
+                         "exitCode": 0, "message": json.dumps(summary)}}}]}})  # fmt: skip
+        jobs[job["metadata"]["name"]] = job
+    step(pvc=pvc, jobs=jobs, pods=pods)
+    if model.spec.get("adapters"):  # render reads the adapters' commits from status.adapters, as recorded
+        body.setdefault("status", {})["adapters"] = [
+            {"name": a["name"], "model": a["model"], "revision": a.get("revision", "main"), "commit": commit}
+            for a in model.spec["adapters"]]  # fmt: skip
+    latest: dict[tuple[str, str], dict[str, Any]] = {}  # an object applied again (the adapters ConfigMap): its last
+    for obj in applied:
+        latest[(obj["kind"], obj["metadata"]["name"])] = obj
+    return list(latest.values()), "pvc-uid" if pvc is not None else None
 
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
@@ -247,8 +271,9 @@ def test_render_prints_exactly_what_the_plan_applies(path: Path) -> None:
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
 def test_every_container_of_every_example_has_a_read_only_root(path: Path) -> None:
     pods = [r.obj["spec"]["template"]["spec"] for r in render.render_model(example_body(path), Config())
-            if r.obj["kind"] in ("Deployment", "Job")]  # fmt: skip
-    assert len(pods) == 2
+            if r.obj["kind"] in ("Deployment", "StatefulSet", "Job")]  # fmt: skip
+    hub_adapters = [a for a in example_body(path)["spec"].get("adapters") or [] if not a["model"].startswith("pvc://")]
+    assert len(pods) == 2 + len(hub_adapters)  # the cache Job (one more per Hub adapter) and the model pods
     for pod in pods:
         containers = pod.get("initContainers", []) + pod["containers"]
         assert containers

@@ -18,7 +18,21 @@ import kmock
 import pytest
 import pytest_asyncio
 import yaml
-from kube_emulator import DEPLOYMENTS, JOBS, PVCS, SERVICES, CacheOutcome, KubeEmulator
+from kube_emulator import (
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    HPAS,
+    INFERENCEPOOLS,
+    JOBS,
+    NETWORKPOLICIES,
+    PDBS,
+    PVCS,
+    SCALEDOBJECTS,
+    SERVICES,
+    STATEFULSETS,
+    CacheOutcome,
+    KubeEmulator,
+)
 from test_operator_kmock import Cluster, Operator, eventually, free_port
 
 from vllm_operator import render
@@ -102,12 +116,21 @@ async def test_render_equals_what_the_operator_applies(cluster: Cluster, example
                                          commit=body["status"]["resolvedRevision"]):  # fmt: skip
                 if r.obj["kind"] == "PersistentVolumeClaim":
                     by_kind[("PersistentVolumeClaim", r.obj["metadata"]["name"])] = r.obj
+                    # cache.sharing PerReplica: every replica's claim is sized as replica 0's was, when it was made.
+                    statefulset = by_kind.get(("StatefulSet", name))
+                    if statefulset is not None:
+                        statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"] = r.obj["spec"]["resources"]
         applied = {}
         for resource, kind in ((PVCS, "PersistentVolumeClaim"), (JOBS, "Job"), (DEPLOYMENTS, "Deployment"),
-                               (SERVICES, "Service")):  # fmt: skip
+                               (SERVICES, "Service"), (SCALEDOBJECTS, "ScaledObject"),
+                               (HPAS, "HorizontalPodAutoscaler"), (INFERENCEPOOLS, "InferencePool"),
+                               (STATEFULSETS, "StatefulSet"), (PDBS, "PodDisruptionBudget"),
+                               (NETWORKPOLICIES, "NetworkPolicy"), (CONFIGMAPS, "ConfigMap")):  # fmt: skip
             for child in emu.names(resource, ns):
                 obj = emu.read(resource, ns, child)
                 assert obj is not None
+                if resource == PVCS and child.startswith(f"cache-{name}-") and child != f"cache-{name}-0":
+                    continue  # made by the StatefulSet controller from the rendered StatefulSet's claim template
                 if (obj["metadata"].get("labels") or {}).get("vllm-operator.io/model") == name:
                     applied[(kind, child)] = _server_side_removed(obj)
         assert set(by_kind) == set(applied), "render and the operator make the same objects"

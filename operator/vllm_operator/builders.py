@@ -27,6 +27,14 @@ from .model import VLLMModel
 # Ports inside model pods and cache Jobs (the contract with vllm-runtime).
 HTTP_PORT = 8000
 RUNTIME_METRICS_PORT = 9090
+# Stopping a server pod (vllm-runtime serve, on SIGTERM): /ready fails at once and vLLM keeps serving
+# for ENDPOINT_DRAIN_SECONDS while endpoints, kube-proxy and inference gateways drop the pod; then vLLM
+# finishes the requests in flight within DRAIN_TIMEOUT_SECONDS; the runtime kills it STOP_MARGIN_SECONDS
+# later if it hangs. The pod's grace period covers all three, so the kubelet's SIGKILL never cuts a drain.
+ENDPOINT_DRAIN_SECONDS = 5
+DRAIN_TIMEOUT_SECONDS = 25
+STOP_MARGIN_SECONDS = 15
+TERMINATION_GRACE_PERIOD_SECONDS = ENDPOINT_DRAIN_SECONDS + DRAIN_TIMEOUT_SECONDS + STOP_MARGIN_SECONDS
 
 SERVER_CONTAINER = "vllm"
 CACHE_CONTAINER = "cache"
@@ -165,9 +173,14 @@ def known_model_bytes(model: VLLMModel) -> int | None:
 
 
 def cache_pvc_for(model: VLLMModel, config: Config) -> dict[str, Any] | None:
-    """The cache PVC ``<name>-cache``; None when ``cache.existingClaim`` is set or the model is pvc://."""
+    """The cache PVC ``<name>-cache``; None when ``cache.existingClaim`` is set or the model is pvc://.
+    With ``cache.sharing: PerReplica``: replica 0's claim, which the cache Job fills (``replicas``)."""
     if not model.owns_cache_pvc:
         return None
+    if model.per_replica:
+        from . import replicas  # builds on this module
+
+        return replicas.replica_zero_claim_for(model, config)
     spec: dict[str, Any] = {
         "accessModes": list(model.cache.get("accessModes") or ["ReadWriteOnce"]),
         "resources": {"requests": {"storage": cache_size_for(model, config)}},
@@ -256,6 +269,10 @@ def cache_job_for(
     # The cache Job runs where model pods may run: a ReadWriteOnce cache volume can only be
     # attached to one node at a time, and model pods' node constraints are where it will be used.
     _add_placement(pod_spec, model)
+    if model.per_replica:
+        from . import replicas  # builds on this module
+
+        replicas.near_replica_zero(pod_spec, model)
     job_spec: dict[str, Any] = {
         "backoffLimit": config.cache_job_backoff_limit,
         "podFailurePolicy": {
@@ -319,6 +336,8 @@ def deployment_for(model: VLLMModel, config: Config, commit: str, *, claim_uid: 
     branch to the commit it already serves replaces no pod. ``claim_uid``: the cache PVC it serves
     from (annotated).
     """
+    from . import lora  # builds on this module
+
     flags = vllm_args.vllm_flags(model.serving_spec)
     args = [
         "serve",
@@ -327,6 +346,9 @@ def deployment_for(model: VLLMModel, config: Config, commit: str, *, claim_uid: 
         "--cache-dir", layout.CACHE_MOUNT_PATH,
         "--port", str(HTTP_PORT),
         "--metrics-port", str(RUNTIME_METRICS_PORT),
+        "--endpoint-drain-seconds", str(ENDPOINT_DRAIN_SECONDS),
+        "--drain-timeout", str(DRAIN_TIMEOUT_SECONDS),
+        *lora.serve_args(model),  # the adapters file and vLLM's LoRA limits, never the adapter set itself
         "--", *flags,
     ]  # fmt: skip
     env = _hub_env(offline=True) + [
@@ -367,13 +389,21 @@ def deployment_for(model: VLLMModel, config: Config, commit: str, *, claim_uid: 
         # Service links would put e.g. VLLM_PORT=tcp://... into the environment when a Service is
         # named "vllm", and vLLM reads VLLM_PORT as its own setting and refuses to start.
         "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_PERIOD_SECONDS,
         "securityContext": _pod_security_context(config),
         "containers": [container],
         "volumes": _volumes(model, config, shm=True),
     }
+    lora_volumes, lora_mounts = lora.pod_volumes(model)
+    pod_spec["volumes"] += lora_volumes
+    container["volumeMounts"] += lora_mounts
     if config.runtime_class_name:
         pod_spec["runtimeClassName"] = config.runtime_class_name
     _add_placement(pod_spec, model)
+    from . import replicas  # builds on this module
+
+    if replicas.wants_spread(model):
+        pod_spec["topologySpreadConstraints"] = replicas.topology_spread_for(model)
     template_annotations = {ANNOTATION_MODEL: str(model.spec["model"]), ANNOTATION_COMMIT: commit}
     annotations = {**_model_annotations(model, model.revision), ANNOTATION_COMMIT: commit}
     if claim_uid:
@@ -388,13 +418,30 @@ def deployment_for(model: VLLMModel, config: Config, commit: str, *, claim_uid: 
             # rollout is progressing, not stuck (plus time to pull the large vLLM image).
             "progressDeadlineSeconds": config.startup_timeout_seconds + 600,
             "selector": {"matchLabels": selector_for(model)},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": _rolling_update(model)},
             "template": {
                 "metadata": {"labels": labels_for(model, COMPONENT_SERVER), "annotations": template_annotations},
                 "spec": pod_spec,
             },
         },
     }
+
+
+def _rolling_update(model: VLLMModel) -> dict[str, Any]:
+    """Surge: one extra pod, none unavailable (needs a spare GPU). InPlace: no extra pod, one pod at a time."""
+    if model.rollout_strategy == "InPlace":
+        return {"maxUnavailable": 1, "maxSurge": 0}
+    return {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def workload_for(model: VLLMModel, config: Config, commit: str, *, claim_uid: str | None = None) -> dict[str, Any]:
+    """The model pods' workload: a Deployment (``cache.sharing: Shared``) or a StatefulSet with a claim per
+    replica (``PerReplica``, ``replicas.statefulset_for``), as first applied (no rollout in progress)."""
+    if model.per_replica:
+        from . import replicas  # builds on this module
+
+        return replicas.statefulset_for(model, config, commit, claim_uid=claim_uid)
+    return deployment_for(model, config, commit, claim_uid=claim_uid)
 
 
 # --- Service -----------------------------------------------------------------------------------------
@@ -419,7 +466,13 @@ def service_for(model: VLLMModel, config: Config) -> dict[str, Any]:
 
 
 def children_for(
-    model: VLLMModel, config: Config, commit: str, *, claim_uid: str | None = None, served: bool = False
+    model: VLLMModel,
+    config: Config,
+    commit: str,
+    *,
+    claim_uid: str | None = None,
+    served: bool = False,
+    adapter_commits: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every child, in creation order: cache PVC (if any), cache Job, Deployment, Service, then the
     autoscaler (ScaledObject or HPA) and InferencePool when the spec asks for them.
@@ -427,12 +480,23 @@ def children_for(
     What ``render`` prints; the plan calls the same builders one at a time, as each child's turn comes.
     ``claim_uid``: the cache PVC's uid, known only in a cluster. ``served``: the Deployment serves
     ``commit`` already, so the finished cache Job carries its ``ttlSecondsAfterFinished``.
+    With ``spec.adapters``: each Hub adapter's cache Job and the adapters ConfigMap, whose entries carry
+    ``adapter_commits`` (by adapter name; default: the commits ``status.adapters`` records).
     """
+    # Imported here: autoscaling and lora build on this module (labels, selector, metadata).
+    from . import autoscaling, lora
+
     ttl = config.cache_job_ttl_seconds if served else None
     children = [cache_pvc_for(model, config), cache_job_for(model, config, claim_uid=claim_uid, ttl_seconds=ttl)]
-    children += [deployment_for(model, config, commit, claim_uid=claim_uid), service_for(model, config)]
-    # Imported here: autoscaling builds on this module (labels, selector, metadata).
-    from . import autoscaling
+    if lora.enabled(model):
+        children += [lora.adapter_cache_job_for(model, config, a, claim_uid=claim_uid, ttl_seconds=ttl)
+                     for a in lora.hub_adapters(model)]  # fmt: skip
+        commits = lora.status_commits(model) if adapter_commits is None else adapter_commits
+        children.append(lora.config_map_for(model, lora.file_entries(model, commits)))
+    children += [workload_for(model, config, commit, claim_uid=claim_uid), service_for(model, config)]
+    from . import replicas
+
+    children += replicas.children_for(model, config)
 
     children += autoscaling.children_for(model, config)
     return [child for child in children if child is not None]

@@ -4,6 +4,9 @@
   cache Jobs and their Pods, Deployments, Services), keyed by (namespace, model). kopf fills the
   indexes from its watches before any other handler runs and drops an object's entry when it is
   deleted, so the reconcile reads its children from memory and nothing stays behind a deleted model.
+  The optional kinds (KEDA ScaledObjects, HPAs, InferencePools) are indexed the same way; where the
+  cluster does not serve one, kopf watches nothing for it and its index stays empty (``apis`` says how
+  the operator learns that, and when such an API appears later).
 - ``@kopf.on.event`` for VLLMModels and for each child kind queues the model on the Reconciler's work
   queue (``reconcile.py`` says why one queue, not kopf's per-handler retries); a child's event that is
   exactly the operator's own apply coming back queues nothing. The model's own status echo does queue
@@ -20,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import kopf
 
 from . import builders, crd, kube, metrics
+from .apis import OptionalApis
 from .config import Config
 from .reconcile import MANAGED_BY, WATCHED_CHILDREN, Key, Reconciler
 
@@ -73,12 +77,17 @@ def register(
     config: Config,
     login: kube.Login | None = None,
     namespaces: tuple[str, ...] = (),
+    pod_status_url: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> Reconciler:
-    """Register every handler of one operator instance on ``registry``; returns its Reconciler."""
+    """Register every handler of one operator instance on ``registry``; returns its Reconciler.
+    ``pod_status_url``: where a model pod's runtime /status is (tests point it at their own server)."""
     login_fn = login or kube.login_from_environment
     client = kube.KubeClient(login_fn, field_manager=config.field_manager)
     state = IndexedState()
-    reconciler = Reconciler(client, config, state)
+    # Namespaced mode: kopf discovers resources at start-up only (``apis`` says why and what follows).
+    reconciler = Reconciler(client, config, state, apis=OptionalApis(client, fixed_watches=bool(namespaces)))
+    if pod_status_url is not None:
+        reconciler.pod_reports.url_for = pod_status_url
     background: dict[str, Any] = {}
 
     @kopf.on.login(registry=registry)
@@ -105,6 +114,7 @@ def register(
             # listed namespaces and the resources found at start-up.
             settings.scanning.disabled = True
         state.bind({name: kwargs[name] for name in [MODELS_INDEX, *map(_index_name, WATCHED_CHILDREN)]})
+        await reconciler.apis.start()
         reconciler.queue.start()
         metrics.TRACKED.set_function(reconciler.tracked)
         background["metrics"] = metrics.serve(config.metrics_port)

@@ -67,6 +67,10 @@ SERVICES = Resource("", "v1", "services", "Service")
 PODS = Resource("", "v1", "pods", "Pod")
 JOBS = Resource("batch", "v1", "jobs", "Job")
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
+STATEFULSETS = Resource("apps", "v1", "statefulsets", "StatefulSet")  # cache.sharing PerReplica
+PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
+NETWORKPOLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
+CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")  # only the operator's own: the adapters file
 # Optional APIs (spec.autoscaling, spec.routing): their CRDs may be missing from a cluster.
 SCALEDOBJECTS = Resource("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
 HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
@@ -75,7 +79,8 @@ INFERENCEPOOLS = Resource("inference.networking.k8s.io", "v1", "inferencepools",
 EVENTS = Resource("", "v1", "events", "Event")
 
 _BY_KIND = {(r.api_version, r.kind): r for r in (VLLMMODELS, PVCS, SERVICES, PODS, JOBS, DEPLOYMENTS,
-                                                 SCALEDOBJECTS, HPAS, INFERENCEPOOLS)}
+                                                 STATEFULSETS, PDBS, NETWORKPOLICIES,
+                                                 CONFIGMAPS, SCALEDOBJECTS, HPAS, INFERENCEPOOLS)}
 
 
 def resource_of(obj: Mapping[str, Any]) -> Resource:
@@ -313,6 +318,17 @@ class KubeClient:
             await self._request("POST", EVENTS.path(namespace), body=body)
         except ApiError as exc:
             _log.warning(f"cannot post Event {event.reason} for {namespace}/{meta.get('name')}: {exc}")
+
+    async def served(self, resource: Resource) -> bool:
+        """Whether the API server serves ``resource`` (discovery of its group/version: no object is read)."""
+        root = f"/apis/{resource.group}/{resource.version}" if resource.group else f"/api/{resource.version}"
+        try:
+            found = await self._request("GET", root)
+        except ApiError as exc:
+            if exc.not_found:
+                return False
+            raise
+        return any(isinstance(r, dict) and r.get("name") == resource.plural for r in found.get("resources") or [])
 
     async def delete(self, resource: Resource, namespace: str, name: str, *, propagation: str = "Background") -> bool:
         """Delete an object and (by the API's garbage collector) its dependents; False if it was gone."""

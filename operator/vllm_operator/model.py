@@ -56,7 +56,13 @@ class VLLMModel:
 
     @property
     def replicas(self) -> int:
-        return int(self.spec.get("replicas", 1))
+        """The model pods to run: ``spec.replicas``, with ``spec.autoscaling`` kept within [minReplicas,
+        maxReplicas]; 0 stays 0 (scaled to zero, or paused by hand: an HPA does not scale a target at 0)."""
+        replicas = int(self.spec.get("replicas", 1))
+        bounds: Mapping[str, Any] | None = self.spec.get("autoscaling")
+        if not bounds or replicas == 0 or "maxReplicas" not in bounds:
+            return replicas
+        return max(int(bounds.get("minReplicas", 1)), min(int(bounds["maxReplicas"]), replicas))
 
     def planned(self, field: str) -> Any:
         """A value from the memory planner's ``status.plan`` (camelCase or the planner's snake_case), or None."""
@@ -107,8 +113,42 @@ class VLLMModel:
         if self.existing_claim:
             return self.existing_claim
         if self.owns_cache_pvc:
-            return f"{self.name}-cache"
+            # PerReplica: replica 0's own claim (the StatefulSet's name for it), which the cache Job fills.
+            return f"cache-{self.name}-0" if self.per_replica else f"{self.name}-cache"
         return None
+
+    # --- scaling and rollout (issue 12; docs/scaling.md) -----------------------------------------------
+
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas the model may run: ``spec.replicas`` or ``spec.autoscaling.maxReplicas``."""
+        autoscaling: Mapping[str, Any] = self.spec.get("autoscaling") or {}
+        return max(int(self.spec.get("replicas", 1)), int(autoscaling.get("maxReplicas") or 0))
+
+    @property
+    def sharing(self) -> str:
+        """``Shared`` or ``PerReplica``: ``spec.cache.sharing``, else PerReplica when the operator's claim
+        can only be mounted on one node (no ReadWriteMany/ReadOnlyMany) and more than one replica may run,
+        or when the model already runs PerReplica (``status.sharing``: scaling back to one replica does not
+        trade the replicas' volumes for a new shared one), else Shared."""
+        explicit = self.cache.get("sharing")
+        if explicit in ("Shared", "PerReplica"):
+            return str(explicit)
+        if not self.owns_cache_pvc:
+            return "Shared"
+        modes = set(self.cache.get("accessModes") or ["ReadWriteOnce"])
+        if modes & {"ReadWriteMany", "ReadOnlyMany"}:
+            return "Shared"
+        return "PerReplica" if self.max_replicas > 1 or self.status.get("sharing") == "PerReplica" else "Shared"
+
+    @property
+    def per_replica(self) -> bool:
+        return self.sharing == "PerReplica"
+
+    @property
+    def rollout_strategy(self) -> str:
+        """``Surge`` (an extra pod at a time) or ``InPlace`` (no extra pod)."""
+        return str((self.spec.get("rollout") or {}).get("strategy") or "Surge")
 
     @property
     def hf_token_secret_ref(self) -> dict[str, str] | None:

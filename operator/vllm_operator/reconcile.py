@@ -40,13 +40,16 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import builders, kube, metrics
+from . import builders, kube, lora, metrics, replicas
 from . import status as st
+from .apis import OPTIONAL_APIS, OptionalApis
 from .config import Config
 from .diagnose import metadata_of
-from .memory import NO_GPU, PLANNING, REPLAN_FAILED_AFTER, MemoryPlan, memory_plan, plan_key
+from .memory import NO_GPU, PLANNING, REPLAN_FAILED_AFTER, MemoryPlan, memory_plan, planning_key
 from .model import VLLMModel
+from .pod_reports import PodReports, is_ready_server
 from .plan import MANAGED_BY, Action, Apply, Event, Observed, Plan, plan_reconcile, transition_events
+from .plan.autoscaling_step import wanted_apis
 from .workqueue import Backoff, WorkQueue
 
 JSON = dict[str, Any]
@@ -56,8 +59,10 @@ __all__ = ["MANAGED_BY", "ClusterState", "Plan", "Reconciler"]
 
 _log = logging.getLogger(__name__)
 
-# The kinds whose objects the watches carry for a model, by plural.
-WATCHED_CHILDREN = (kube.PVCS, kube.JOBS, kube.PODS, kube.DEPLOYMENTS, kube.SERVICES)
+# The kinds whose objects the watches carry for a model, by plural. The optional APIs (autoscalers,
+# InferencePool) may be absent from a cluster: kopf then watches nothing for them (``apis`` says how).
+WATCHED_CHILDREN = (kube.PVCS, kube.JOBS, kube.PODS, kube.DEPLOYMENTS, kube.SERVICES, kube.CONFIGMAPS,
+                    kube.STATEFULSETS, kube.PDBS, kube.NETWORKPOLICIES, *OPTIONAL_APIS)  # fmt: skip
 
 
 class ClusterState(Protocol):
@@ -116,8 +121,11 @@ class Reconciler:
         planner: Callable[[VLLMModel, Config], Awaitable[MemoryPlan]] = memory_plan,
         events: EventSink | None = None,
         clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.timezone.utc),
+        apis: OptionalApis | None = None,
+        pod_reports: PodReports | None = None,
     ) -> None:
         self.client = client
+        self.apis = apis or OptionalApis(client, fixed_watches=False)
         self.config = config
         self.state = state
         self._planner = planner
@@ -131,6 +139,9 @@ class Reconciler:
         self._expected: dict[Key, _Expectations] = {}
         self._plans: dict[Key, tuple[str, MemoryPlan, float]] = {}  # key -> (plan key, plan, loop time made)
         self._planning: dict[Key, tuple[str, asyncio.Task[None]]] = {}
+        # spec.adapters: each ready server pod's /status, read in the background (never on this path).
+        self.pod_reports = pod_reports or PodReports()
+        self.pod_reports.on_change = self.queue.add
 
     # --- the state one reconcile sees ----------------------------------------------------------------
 
@@ -194,15 +205,39 @@ class Reconciler:
         pvc = children[kube.PVCS.plural].get(claim) if claim else None
         if claim and pvc is None and not model.owns_cache_pvc:
             pvc = await self.client.get(kube.PVCS, model.namespace, claim)  # the user's: not on our watch
+        plain_deployment = children[kube.DEPLOYMENTS.plural].get(builders.deployment_name(model))
+        statefulset = children[kube.STATEFULSETS.plural].get(replicas.statefulset_name(model))
+        workload = statefulset if model.per_replica else plain_deployment
+        wanted = wanted_apis(model)
+        missing, unwatched = await self.apis.check(wanted) if wanted else (frozenset(), frozenset())
         return Observed(
             now=self._clock(),
             pvc=pvc,
             jobs=children[kube.JOBS.plural],
             pods=list(children[kube.PODS.plural].values()),
-            deployment=children[kube.DEPLOYMENTS.plural].get(builders.deployment_name(model)),
+            deployment=workload,
             service=children[kube.SERVICES.plural].get(builders.service_name(model)),
+            claims=children[kube.PVCS.plural],
+            statefulset=statefulset,
+            plain_deployment=plain_deployment,
+            siblings_service=children[kube.SERVICES.plural].get(replicas.siblings_service_name(model)),
+            network_policy=children[kube.NETWORKPOLICIES.plural].get(replicas.siblings_service_name(model)),
+            disruption_budget=children[kube.PDBS.plural].get(model.name),
             memory=self._memory_plan(key, model),
+            config_map=children[kube.CONFIGMAPS.plural].get(lora.config_map_name(model)),
+            adapter_reports=self._adapter_reports(key, model, children[kube.PODS.plural].values()),
+            scaled_objects=children[kube.SCALEDOBJECTS.plural],
+            hpas=children[kube.HPAS.plural],
+            inference_pools=children[kube.INFERENCEPOOLS.plural],
+            missing_apis=missing,
+            unwatched_apis=unwatched,
         )
+
+    def _adapter_reports(self, key: Key, model: VLLMModel, pods: Iterable[JSON]) -> dict[str, JSON]:
+        if not lora.enabled(model) or not lora.adapters_of(model):
+            self.pod_reports.forget(key)
+            return {}
+        return self.pod_reports.snapshot(key, [p for p in pods if is_ready_server(p)])
 
     # --- the memory plan, made in the background -----------------------------------------------------
 
@@ -212,7 +247,7 @@ class Reconciler:
         if not model.spec.get("gpu"):
             self._plans.pop(key, None)
             return NO_GPU
-        wanted = plan_key(model)
+        wanted = planning_key(model)
         loop = asyncio.get_running_loop()
         made = self._plans.get(key)
         current = made is not None and made[0] == wanted
@@ -278,6 +313,9 @@ class Reconciler:
             try:
                 await self._act(key, action)
             except kube.ApiError as exc:
+                if exc.not_found and await self._api_gone(action):
+                    self.queue.add_after(key, 1.0)  # the next plan reports it in its condition
+                    continue
                 refused.append((action, exc))
             else:
                 _log.info(f"{key[0]}/{key[1]}: {action}")
@@ -305,7 +343,14 @@ class Reconciler:
                 self.queue.add_after(key, requeue_after)
         await self._write_status(key, body, status)
         metrics.set_phase(*key, str(status.get("phase")))
+        metrics.set_adapters(*key, status.get("adapters"))
+        metrics.set_autoscaling(*key, status.get("autoscaling"))
         return "retry" if refused else "success"
+
+    async def _api_gone(self, action: Action) -> bool:
+        """A write answered 404: True when its kind is an optional API the cluster no longer serves."""
+        resource = kube.resource_of(action.obj) if isinstance(action, Apply) else action.resource
+        return resource in OPTIONAL_APIS and not await self.apis.recheck(resource)
 
     async def _act(self, key: Key, action: Action) -> None:
         expected = self._own(key)
@@ -352,6 +397,7 @@ class Reconciler:
         if planning is not None:
             planning[1].cancel()
         self.queue.drop(key)
+        self.pod_reports.forget(key)
         metrics.forget(*key)
 
     def resync(self) -> None:
@@ -361,13 +407,15 @@ class Reconciler:
 
     def tracked(self) -> int:
         """Models with per-model state in memory (the benchmarks and tests check it returns to 0)."""
-        return len(set(self._expected) | set(self._plans) | set(self._planning)) + len(self.queue)
+        kept = set(self._expected) | set(self._plans) | set(self._planning) | self.pod_reports.tracked()
+        return len(kept) + len(self.queue)
 
     async def close(self) -> None:
         await self.queue.stop()
         for _, task in self._planning.values():
             task.cancel()
         self._planning.clear()
+        await self.pod_reports.close()
 
 
 def _failed_status(body: Mapping[str, Any], reason: str, message: str, now: datetime.datetime) -> JSON:

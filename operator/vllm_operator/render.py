@@ -19,7 +19,7 @@ import yaml
 
 from vllm_runtime import layout
 
-from . import builders, crd, inputs, validation
+from . import builders, crd, inputs, lora, validation
 from .config import Config
 from .model import VLLMModel
 
@@ -126,10 +126,25 @@ def render_model(
     model = VLLMModel.from_body(body, default_namespace=namespace)
     commit = commit or commit_for(model)
     where = f"VLLMModel {model.namespace}/{model.name}"
+    # spec.adapters: each Hub adapter's commit as status.adapters records it (a cluster's fact), else marked.
+    adapter_commits = {a.name: a.revision if layout.is_commit(a.revision) else placeholder_commit(a.revision)
+                       for a in lora.adapters_of(model) if a.is_hub}  # fmt: skip
+    adapter_commits.update(lora.status_commits(model))
     out: list[Rendered] = []
-    for obj in builders.children_for(model, config, commit, claim_uid=claim_uid, served=served):
+    for obj in builders.children_for(model, config, commit, claim_uid=claim_uid, served=served,
+                                     adapter_commits=adapter_commits):  # fmt: skip
         kind = obj["kind"]
         comment = f"{where}: {kind} {obj['metadata']['name']}"
+        adapter = (obj["metadata"].get("annotations") or {}).get(lora.ANNOTATION_ADAPTER)
+        if kind == "Job" and adapter:
+            comment += (f"\nLoRA adapter {adapter!r}: its own cache Job (one per adapter repo and revision); adding,"
+                        " changing or removing an adapter never re-runs the base model's Job or restarts vLLM")
+        if kind == "ConfigMap" and obj["metadata"]["name"] == lora.config_map_name(model):
+            comment += (f"\nthe adapters file the model pods mount at {lora.ADAPTERS_FILE}: the runtime loads and "
+                        "unloads to follow it (no restart); each Hub adapter is listed once its cache Job resolved "
+                        f"and verified its commit; vLLM's LoRA limits: {' '.join(lora.limits(model).args())}")
+            if any(c.startswith("<commit-resolved-from:") for c in adapter_commits.values()):
+                comment += "\n<commit-resolved-from:...>: the commit each adapter's cache Job resolves its revision to"
         if kind == "Deployment" and commit == placeholder_commit(model.revision):
             comment += (
                 f"\nrevision {model.revision!r} is a branch or tag: the operator deploys the 40-hex commit the"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import kopf
 
@@ -17,10 +19,14 @@ from .config import Config
 
 
 def build_registry(
-    config: Config, namespaces: tuple[str, ...] = (), *, login: kube.Login | None = None
+    config: Config,
+    namespaces: tuple[str, ...] = (),
+    *,
+    login: kube.Login | None = None,
+    pod_status_url: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, config=config, login=login, namespaces=namespaces)
+    handlers.register(registry, config=config, login=login, namespaces=namespaces, pod_status_url=pod_status_url)
     return registry
 
 
@@ -32,6 +38,7 @@ async def operator_task(
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     liveness_endpoint: str | None = None,
+    pod_status_url: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> None:
     """The operator as a coroutine: returns when ``stop_flag`` is set (or on a fatal error).
 
@@ -40,7 +47,7 @@ async def operator_task(
     with threading.Event flags.
     """
     await kopf.operator(
-        registry=build_registry(config, namespaces, login=login),
+        registry=build_registry(config, namespaces, login=login, pod_status_url=pod_status_url),
         standalone=True,
         clusterwide=not namespaces,
         namespaces=list(namespaces),

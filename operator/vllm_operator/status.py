@@ -133,5 +133,9 @@ MANAGED_KEYS = frozenset(
         "plan",
         "message",
         "autoscaling",
+        "sharing",  # cache.sharing in force; replicaCaches and unusedClaims with PerReplica
+        "replicaCaches",
+        "unusedClaims",
+        "adapters",
     }
 )

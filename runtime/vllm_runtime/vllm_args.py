@@ -48,12 +48,19 @@ OWNED_FLAGS: frozenset[str] = frozenset(
 
 # vLLM's short aliases of owned flags (``-q awq``, ``-tp 2``); refused in ``spec.extraArgs`` like the long forms.
 OWNED_SHORT_FLAGS: dict[str, str] = {"-q": "--quantization", "-tp": "--tensor-parallel-size"}
+# vLLM's other long names of owned flags (the same setting); refused in ``spec.extraArgs`` like the owned names.
+OWNED_LONG_ALIASES: dict[str, str] = {"--device-memory-utilization": "--gpu-memory-utilization"}
 
 # vLLM's parser is argparse with ``allow_abbrev``: it takes any unambiguous prefix of a long flag
-# (``--max-model-le``), underscores for dashes, ``--no-<flag>`` for booleans (BooleanOptionalAction), and
-# a value glued to a short flag (``-qfp8``). These full vLLM flags are prefixes of an owned flag but are
-# not abbreviations of it: argparse prefers an exact match.
+# (``--max-model-le``), underscores for dashes, ``--no-<flag>`` for booleans (BooleanOptionalAction), a
+# value glued to a short flag (``-qfp8``), and a dotted name as a JSON field of the flag before the dot
+# (``--served-model-name.x y`` sets --served-model-name to '{"x": "y"}'). These full vLLM flags are
+# prefixes of an owned flag but are not abbreviations of it: argparse prefers an exact match.
 NOT_ABBREVIATIONS: frozenset[str] = frozenset({"--tokenizer"})
+# ``--config FILE`` (this exact token; vLLM loads no file for ``--config=FILE``) fills every flag the command
+# line leaves out from a YAML file in the pod, owned ones included (``served-model-name``, ``max-model-len``):
+# refused like an owned flag, since the file's flags can be written in ``spec.extraArgs`` themselves.
+CONFIG_FILE_FLAG = "--config"
 
 # Settings that change compiled graphs; only identical values may share a compile cache.
 COMPILE_KEY_FIELDS = ("quantization", "dtype", "tensorParallelSize", "kvCacheDtype", "maxModelLen", "enforceEager")
@@ -92,7 +99,10 @@ class OwnedFlagError(ValueError):
         for arg, flag in self.found:
             spelled = flag if _flag_name(arg) == flag else f"{arg!r} = {flag}"
             field = by_flag.get(flag)
-            hints.append(f"{spelled} (use spec.{field})" if field else f"{spelled} (set by the operator)")
+            if flag == CONFIG_FILE_FLAG:
+                hints.append(f"{flag} (it reads flags from a file, owned ones included: write them in spec.extraArgs)")
+            else:
+                hints.append(f"{spelled} (use spec.{field})" if field else f"{spelled} (set by the operator)")
         self.message = "may not contain flags the operator owns, in any spelling vLLM accepts: " + ", ".join(hints)
         super().__init__(f"{self.field} {self.message}")
 
@@ -106,6 +116,7 @@ def _flag_name(arg: str) -> str:
 def _owned_long_names() -> dict[str, str]:
     """Every long spelling vLLM parses as an owned flag, without abbreviation -> the owned flag."""
     names = {flag: flag for flag in OWNED_FLAGS}
+    names.update(OWNED_LONG_ALIASES)
     names.update({"--no-" + flag[2:]: flag for flag in BOOL_FLAGS.values()})
     return names
 
@@ -113,20 +124,23 @@ def _owned_long_names() -> dict[str, str]:
 def owned_flag_of(arg: str) -> str | None:
     """The owned flag that vLLM's parser would take ``arg`` for, or None.
 
-    ``--max-model-le=1``, ``--max_model_len``, ``--no-enforce-eager``, ``-qfp8``, ``-tp=2`` and ``-t``
-    all reach an owned flag. A prefix of several flags is refused too (vLLM refuses it as ambiguous).
+    ``--max-model-le=1``, ``--max_model_len``, ``--no-enforce-eager``, ``--served-model-name.x``,
+    ``--device-memory-utilization``, ``-qfp8``, ``-tp=2`` and ``-t`` all reach an owned flag. A prefix of
+    several flags is refused too (vLLM refuses it as ambiguous). ``--config`` (a file of flags) is refused too.
     """
+    if arg == CONFIG_FILE_FLAG:
+        return CONFIG_FILE_FLAG
     if arg.startswith("--"):
-        name = _flag_name(arg)
+        name = _flag_name(arg).split(".", 1)[0]  # vLLM reads ``--flag.key`` as a JSON field of ``--flag``
         if name == "--" or name in NOT_ABBREVIATIONS:
             return None
         reached = sorted(owned for spelled, owned in _owned_long_names().items() if spelled.startswith(name))
         return _owned_long_names().get(name) or (reached[0] if reached else None)
     if arg.startswith("-"):
-        name = arg.split("=", 1)[0]
+        name = arg.split("=", 1)[0].split(".", 1)[0]
         for short, owned in OWNED_SHORT_FLAGS.items():
             glued = arg.startswith(short)  # -qfp8, -tp=2, -tp2
-            abbreviated = len(name) >= 2 and short.startswith(name)  # -t for -tp
+            abbreviated = len(name) >= 2 and short.startswith(name)  # -t for -tp, -t.x
             if glued or abbreviated:
                 return owned
     return None
@@ -139,8 +153,8 @@ def owned_flags_in(extra_args: Sequence[str]) -> list[str]:
 
 def disguised_owned_flags_in(args: Sequence[str]) -> list[str]:
     """Arguments that reach an owned flag in a spelling ``vllm_flags`` never writes (an abbreviation, a
-    short form, underscores, ``--no-``): ``vllm-runtime serve`` refuses them, since only ``spec.extraArgs``
-    can have put them there."""
+    short form, underscores, ``--no-``, a dotted field, or ``--config``): ``vllm-runtime serve`` refuses them,
+    since only ``spec.extraArgs`` can have put them there."""
     return [arg for arg in args if owned_flag_of(arg) is not None and arg.split("=", 1)[0] not in OWNED_FLAGS]
 
 
@@ -157,17 +171,18 @@ def cel_owned_flag_rule() -> str:
 
     The CRD carries this text (tests/test_crd.py checks it is current). Portable CEL has no substring
     functions, so prefixes are one RE2 pattern: a trie of the owned names where each further character
-    is optional, dashes also written as underscores, followed by ``=`` or the end.
+    is optional, dashes also written as underscores, followed by ``=``, ``.`` (a dotted JSON field) or the end.
     """
     long_names = sorted({name[2:] for name in _owned_long_names()})
     exceptions = sorted(name[2:] for name in NOT_ABBREVIATIONS)
     shorts = sorted(short[1:] for short in OWNED_SHORT_FLAGS)
     short_alternatives = list(shorts)
-    short_alternatives += [f"{short[:n]}(?:=|$)" for short in shorts for n in range(1, len(short))]
+    short_alternatives += [f"{short[:n]}(?:[=.]|$)" for short in shorts for n in range(1, len(short))]
     return (
-        f"!(self.matches('^--{_prefix_pattern(long_names)}(?:=|$)')"
-        f" && !self.matches('^--(?:{'|'.join(_dashes(e) for e in exceptions)})(?:=|$)'))"
+        f"!(self.matches('^--{_prefix_pattern(long_names)}(?:[=.]|$)')"
+        f" && !self.matches('^--(?:{'|'.join(_dashes(e) for e in exceptions)})(?:[=.]|$)'))"
         f" && !self.matches('^-(?:{'|'.join(short_alternatives)})')"
+        f" && self != '{CONFIG_FILE_FLAG}'"
     )
 
 

@@ -17,10 +17,11 @@ from typing import Any
 
 from vllm_runtime.units import human_bytes
 
-from .. import builders, kube
+from .. import builders, kube, replicas
 from .. import status as st
 from ..config import Config
 from ..diagnose import annotations_of
+from ..lora import ANNOTATION_ADAPTER
 from ..memory import plan_digest
 from ..model import VLLMModel
 from .job_outcome import ABSENT, FAILED, FINISHING, RUNNING, SUCCEEDED, JobOutcome
@@ -82,7 +83,12 @@ def plan_cache_job(
     rerunning = False  # the Job is being replaced: nothing of it counts
     if job.job is not None and claim_uid and filled_claim and filled_claim != claim_uid:
         rerunning = True
-        if hold is None:
+        moved = _claim_of(job.job) not in (None, model.cache_claim_name)  # cache.sharing changed
+        if hold is None and moved:
+            actions.append(Delete(kube.JOBS, model.namespace, job.name, f"the cache is now PVC {model.cache_claim_name}"))
+            events.append(Event("Normal", "CacheVolumeChanged", f"spec.cache.sharing is now {model.sharing}: caching "
+                                f"{repo}@{rev} into PVC {model.cache_claim_name}"))  # fmt: skip
+        elif hold is None:
             actions.append(Delete(kube.JOBS, model.namespace, job.name, f"PVC {model.cache_claim_name} was replaced"))
             events.append(Event("Warning", "CacheVolumeReplaced", f"PVC {model.cache_claim_name} was deleted and "
                                 f"created again since {repo}@{rev} was cached into it; caching again"))  # fmt: skip
@@ -107,14 +113,8 @@ def plan_cache_job(
                                 f"(Job {job.name})"))  # fmt: skip
     elif job.state == FAILED and job.failure is not None:
         failures.append(job.failure)
-        if stale and hold is None:
-            actions.append(Delete(kube.JOBS, model.namespace, job.name, "the spec changed since it failed"))
-        elif job.retryable and job.finished_at is not None and hold is None:
-            left = RETRY_FAILED_CACHE_AFTER - (observed.now - job.finished_at)
-            if left <= datetime.timedelta(0):
-                actions.append(Delete(kube.JOBS, model.namespace, job.name, "retrying a transient failure"))
-            else:
-                requeue = left.total_seconds()
+        retry, requeue = failed_job_actions(model, observed, job, stale=stale, hold=hold)
+        actions += retry
     elif job.state == RUNNING:
         if job.failure is not None:
             failures.append(job.failure)
@@ -135,14 +135,42 @@ def plan_cache_job(
     )
 
 
+def failed_job_actions(
+    model: VLLMModel, observed: Observed, job: JobOutcome, *, stale: bool, hold: Hold | None
+) -> tuple[list[Action], float | None]:
+    """A failed cache Job: replaced when the spec it was made from changed, re-run after
+    ``RETRY_FAILED_CACHE_AFTER`` when its failure is transient; (actions, seconds until the retry is due)."""
+    if hold is not None:
+        return [], None
+    if stale:
+        return [Delete(kube.JOBS, model.namespace, job.name, "the spec changed since it failed")], None
+    if job.retryable and job.finished_at is not None:
+        left = RETRY_FAILED_CACHE_AFTER - (observed.now - job.finished_at)
+        if left <= datetime.timedelta(0):
+            return [Delete(kube.JOBS, model.namespace, job.name, "retrying a transient failure")], None
+        return [], left.total_seconds()
+    return [], None
+
+
+def _claim_of(job: Mapping[str, Any] | None) -> str | None:
+    """The claim a cache Job's pod mounts as its cache."""
+    for volume in ((((job or {}).get("spec") or {}).get("template") or {}).get("spec") or {}).get("volumes") or []:
+        if volume.get("name") == "cache":
+            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            return str(claim) if claim else None
+    return None
+
+
 def _unwanted_jobs(model: VLLMModel, observed: Observed, wanted: str) -> list[Action]:
     """Delete the Jobs of revisions (or models) the spec no longer names: the Deployment's annotations
     carry what it serves, and a Job still running would only compete for the volume's space."""
     actions: list[Action] = []
     for name, other in sorted(observed.jobs.items()):
-        if name == wanted:
-            continue
         ann = annotations_of(other)
+        if name == wanted or ANNOTATION_ADAPTER in ann:  # an adapter's Job: plan.adapters decides
+            continue
+        if replicas.ANNOTATION_PREFETCH in ann:  # a replica's prefetch of a new commit: plan.replicas_step decides
+            continue
         was = f"{ann.get(builders.ANNOTATION_MODEL)}@{ann.get(builders.ANNOTATION_REVISION)}"
         why = f"{was} is no longer the spec's {model.spec['model']}@{model.revision}"
         actions.append(Delete(kube.JOBS, model.namespace, name, why))

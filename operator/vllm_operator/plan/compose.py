@@ -1,6 +1,7 @@
 """``plan_reconcile``: the steps in order, each reading only what the earlier ones returned.
 
-image policy -> memory plan -> cache volume -> cache Job -> Deployment -> Service, then the status
+image policy -> memory plan -> cache volume -> cache Job -> Deployment -> Service -> autoscaler and
+InferencePool (``autoscaling_step``), then the status
 from the steps' conditions. Each step returns its own actions, failures, events and time-based hint.
 """
 
@@ -11,16 +12,19 @@ from typing import Any
 
 from vllm_runtime.units import human_bytes
 
-from .. import builders
+from .. import builders, kube
 from .. import status as st
 from ..config import Config
 from ..model import VLLMModel
+from . import adapters as adapters_step
+from . import autoscaling_step, replicas_step
+from .autoscaling_step import AutoscalingStep, plan_autoscaling
 from .cache_job import CacheStep, plan_cache_job
 from .image_policy import check_image
 from .job_outcome import read_cache_job
 from .memory_step import MemoryStep, plan_memory
 from .serving import DeploymentStep, plan_deployment, plan_service
-from .types import JSON, Event, Observed, Outcome, Plan, soonest
+from .types import JSON, Apply, Event, Observed, Outcome, Plan, soonest
 from .volume import plan_cache_volume
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "vllm-operator"}
@@ -38,19 +42,41 @@ def plan_reconcile(model: VLLMModel, observed: Observed, config: Config) -> Plan
         claim_uid=volume.claim_uid, ready_for_job=volume.ready_for_job, hold=create_hold,
         needs_job_plan=memory.needs_job_plan, last_status=model.status,
     )  # fmt: skip
+    adapters = adapters_step.plan_adapters(
+        memory.model, observed, config, claim_uid=volume.claim_uid, ready_for_job=volume.ready_for_job,
+        hold=create_hold, last_status=model.status,
+    )  # fmt: skip
     deployment = plan_deployment(
-        memory.model, observed, config, commit=cache.commit, claim_uid=volume.claim_uid,
-        hold=image.hold or memory.deploy_hold,
+        adapters.model, observed, config, commit=cache.commit, claim_uid=volume.claim_uid,
+        hold=image.hold or memory.deploy_hold or adapters.deploy_hold,
     )  # fmt: skip
     service = plan_service(
         memory.model, observed, config,
         wanted=(deployment.deploying or observed.deployment is not None) and create_hold is None,
     )  # fmt: skip
-    steps: list[Outcome] = [image, memory, volume, cache, deployment, service]
+    scaling = plan_autoscaling(
+        memory.model, observed, config,
+        wanted=(deployment.deploying or observed.deployment is not None) and create_hold is None,
+        deploying=any(isinstance(a, Apply) and kube.resource_of(a.obj) in (kube.DEPLOYMENTS, kube.STATEFULSETS)
+                      for a in deployment.actions),
+        workload_for=None if deployment.deploying or create_hold is not None else (
+            lambda m, commit: replicas_step.desired_workload(m, observed, config, commit, claim_uid=volume.claim_uid)),
+    )  # fmt: skip
+    scale_out = replicas_step.plan_replicas(
+        memory.model, observed, config, rolled_out=deployment.rolled_out, commit=cache.commit,
+        wanted=(deployment.deploying or observed.deployment is not None) and create_hold is None,
+    )  # fmt: skip
+    steps: list[Outcome] = [image, memory, volume, cache, adapters, deployment, service, scale_out, scaling]
     failures = [f for step in steps for f in step.failures]
     return Plan(
         actions=[a for step in steps for a in step.actions],
-        status=_status(memory.model, model.status, observed, memory, cache, deployment, failures),
+        status=replicas_step.with_replicas_status(
+            adapters_step.with_adapters_status(
+                _status(memory.model, model.status, observed, memory, cache, deployment, scaling, failures),
+                adapters, generation=model.generation, now=observed.now,
+            ),
+            scale_out, memory.model, generation=model.generation, now=observed.now,
+        ),  # fmt: skip
         events=[e for step in steps for e in step.events],
         requeue_after=soonest(*(step.requeue_after for step in steps)),
     )
@@ -63,6 +89,7 @@ def _status(
     memory: MemoryStep,
     cache: CacheStep,
     deployment: DeploymentStep,
+    scaling: AutoscalingStep,
     failures: list[st.Condition],
 ) -> JSON:
     replicas = model.replicas
@@ -78,14 +105,15 @@ def _status(
     elif cache.commit is None:
         phase, message = st.CACHING, cache.condition.message
     elif replicas == 0:
-        phase, message = st.PENDING, "scaled to zero"
+        phase, message = st.IDLE, deployment.condition.message
     elif deployment.rolled_out:
         phase, message = st.READY_PHASE, deployment.condition.message
     else:
         phase, message = st.LOADING, f"rolling out commit {cache.commit}: {ready}/{replicas} ready"
+    unwanted = autoscaling_step.unwanted_conditions(model)
     conditions = st.merge_conditions(
-        last_status.get("conditions"),
-        [cache.condition, deployment.condition, failed, stalled, memory.condition],
+        [c for c in last_status.get("conditions") or [] if c.get("type") not in unwanted],
+        [cache.condition, deployment.condition, failed, stalled, memory.condition, *scaling.conditions],
         generation=model.generation,
         now=observed.now,
     )
@@ -107,6 +135,8 @@ def _status(
         status["endpoint"] = builders.endpoint_for(model)
     if memory.memory.plan is not None:
         status["plan"] = memory.memory.plan
+    if scaling.summary is not None:
+        status["autoscaling"] = scaling.summary
     return status
 
 
@@ -128,4 +158,7 @@ def transition_events(model: VLLMModel, old: Mapping[str, Any], new: Mapping[str
         events.append(Event("Warning", str(cond.get("reason")), str(cond.get("message"))))
     if new.get("phase") == st.READY_PHASE and old.get("phase") != st.READY_PHASE:
         events.append(Event("Normal", "Ready", str(new.get("message"))))
+    events += autoscaling_step.transition_events(old, new)
+    events += replicas_step.transition_events(old, new)
+    events += adapters_step.transition_events(old, new)
     return events

@@ -17,6 +17,7 @@ from .. import status as st
 from ..config import Config
 from ..diagnose import annotations_of, crash_loop_failure, metadata_of, pod_start_failure, waiting
 from ..model import VLLMModel
+from . import replicas_step
 from .types import Action, Apply, Event, Hold, Observed, Outcome, is_subset
 
 
@@ -57,18 +58,19 @@ def plan_deployment(
     serving = deployed
     if deploying:
         assert commit is not None
-        desired = builders.deployment_for(model, config, commit, claim_uid=claim_uid)
+        desired = replicas_step.desired_workload(model, observed, config, commit, claim_uid=claim_uid)
         if current is None or not is_subset(desired, current):
             actions.append(Apply(desired, created=current is None))
             changed = True
             if deployed != commit or current is None:
-                events.append(Event("Normal", "Deployed", f"Deployment {desired['metadata']['name']} now serves "
+                events.append(Event("Normal", "Deployed", f"{desired['kind']} {desired['metadata']['name']} now serves "
                                     f"{model.spec['model']} at commit {commit}"))  # fmt: skip
         serving = commit
     failures, requeue = _server_pod_failures(observed)
     rolled_out = (
         not changed and current is not None and commit is not None and serving == commit
         and rollout_complete(current, model.replicas)
+        and (not model.per_replica or replicas_step.statefulset_rolled_out(model, current))
     )  # fmt: skip
     return DeploymentStep(
         actions=tuple(actions),
@@ -101,7 +103,11 @@ def _ready_condition(
     current = observed.deployment
     ready = int(((current or {}).get("status") or {}).get("readyReplicas") or 0)
     if model.replicas == 0:
-        return st.Condition(st.READY, st.FALSE, "ScaledToZero", "spec.replicas is 0")
+        activation = (model.spec.get("autoscaling") or {}).get("activation") or {}
+        why = (f"scaled to zero by the autoscaler; it wakes when the activation query exceeds "
+               f"{activation.get('threshold') or 0}: {activation['query']}" if activation.get("query")
+               else "scaled to zero: spec.replicas is 0 (kubectl scale --replicas=1 to serve)")  # fmt: skip
+        return st.Condition(st.READY, st.FALSE, "ScaledToZero", why)
     if ready >= 1 and current is not None:
         return st.Condition(st.READY, st.TRUE, "Serving", f"{ready}/{model.replicas} replicas ready at commit "
                             f"{serving}; {builders.endpoint_for(model)}")  # fmt: skip

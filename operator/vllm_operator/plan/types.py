@@ -22,8 +22,18 @@ class Observed:
     pvc: JSON | None = None  # the cache claim (own or spec.cache.existingClaim)
     jobs: Mapping[str, JSON] = field(default_factory=dict)  # cache Jobs by name
     pods: Sequence[JSON] = ()  # the model's pods (cache and server)
+    # The model pods' workload: the Deployment, or with cache.sharing PerReplica the StatefulSet (same name).
     deployment: JSON | None = None
     service: JSON | None = None
+    # cache.sharing PerReplica and the disruption budget (plan.replicas): the model's own PVCs by name (the
+    # replicas' claims), its StatefulSet and Deployment whichever the sharing, its headless Service,
+    # NetworkPolicy and PodDisruptionBudget.
+    claims: Mapping[str, JSON] = field(default_factory=dict)
+    statefulset: JSON | None = None
+    plain_deployment: JSON | None = None
+    siblings_service: JSON | None = None
+    network_policy: JSON | None = None
+    disruption_budget: JSON | None = None
     memory: MemoryPlan = NO_GPU
     # spec.autoscaling / spec.routing: the model's ScaledObjects, HPAs and InferencePools by name, and
     # the optional APIs (plurals) the cluster does not serve, or the operator's watches do not carry.
@@ -32,6 +42,10 @@ class Observed:
     inference_pools: Mapping[str, JSON] = field(default_factory=dict)
     missing_apis: frozenset[str] = frozenset()
     unwatched_apis: frozenset[str] = frozenset()
+    # spec.adapters: the adapters ConfigMap, and each ready server pod's last /status report by pod name
+    # ({"ok": True, "adapters": {...}} or {"ok": False, "error": ...}; pod_reports.PodReports).
+    config_map: JSON | None = None
+    adapter_reports: Mapping[str, JSON] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
