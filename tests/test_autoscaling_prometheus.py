@@ -197,8 +197,13 @@ def test_rendered_queries_rise_past_the_target_under_load_and_scale_back_after_t
     assert load.completed > 0 and not load.errors, load.errors[:3]
     keda, keda_desired, average, hpa_desired = sample
     assert keda < TARGET and average < TARGET and keda_desired == hpa_desired == 1
-    assert replicas > 1  # the window still remembers the load
     last_high = max(t for t, s, _ in history if s[1] > 1)
+    # On a loaded machine an evaluation can take long enough that the drop is first seen after the window.
+    window_open = below_at - last_high < SCALE_DOWN_WINDOW
+    if window_open:
+        assert replicas > 1  # the window still remembers the load
+    else:
+        assert replicas == 1  # the window had already passed: down, as the HPA would be
 
     def scaled_down() -> Evaluation | None:
         evaluation = evaluate()
@@ -208,7 +213,8 @@ def test_rendered_queries_rise_past_the_target_under_load_and_scale_back_after_t
                                       what="scale down after the window")  # fmt: skip
     assert all(replicas > 1 for t, _, replicas in history if below_at <= t < scaled_down_at)
     assert scaled_down_at - last_high >= SCALE_DOWN_WINDOW  # not before the window ended ...
-    assert scaled_down_at - below_at >= SCALE_DOWN_WINDOW - 2 * SCRAPE_INTERVAL  # ... measured from the real drop
+    if window_open:
+        assert scaled_down_at - below_at >= SCALE_DOWN_WINDOW - 2 * SCRAPE_INTERVAL  # ... measured from the real drop
     wait_until(lambda: signals.desired() == (0.0, 1, 0.0, 1), timeout=30, what="queue empty")
     wait_until(lambda: prometheus.scalar(rendered_keda_query(prometheus.url, "runningRequests", 0.5)) == 0.0,
                timeout=30, what="no request running")  # fmt: skip
