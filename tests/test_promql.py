@@ -157,7 +157,10 @@ def test_operator_exports_the_replica_gauges_the_alerts_and_dashboard_read() -> 
 
     def gauges() -> dict[str, list[tuple[dict[str, str], float]]]:
         samples = parse_exposition(prometheus_client.generate_latest().decode())
-        return {k: v for k, v in samples.items() if k.startswith("vllm_operator_autoscaling_")}
+        # Only this test's model: the registry is the process's, other tests' models may be in it.
+        mine = ("namespace", "llm"), ("model", "chat")
+        return {k: [(l, v) for l, v in series if all(dict(l).get(a) == b for a, b in mine)]
+                for k, series in samples.items() if k.startswith("vllm_operator_autoscaling_")}
 
     summary = {"engine": "keda", "minReplicas": 1, "maxReplicas": 4, "desiredReplicas": 3, "currentReplicas": 2}
     metrics.set_autoscaling("llm", "chat", summary)
