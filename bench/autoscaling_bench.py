@@ -59,11 +59,12 @@ from prometheus_fixtures import (  # noqa: E402
 
 from vllm_operator import promql  # noqa: E402
 from vllm_runtime.demo import CPU_ENV, ServeProcess, cache_model, hub_env, loopback_hub  # noqa: E402
-from vllm_runtime.metrics import first_value, parse_exposition  # noqa: E402
+from vllm_runtime.metrics import VllmMetricsRelay, first_value, parse_exposition  # noqa: E402
 
 MODEL = "demo-org/tiny-llama"
 TARGET = 2.0  # waiting requests per replica
 SCRAPE_GOAL_MS = 100.0
+RELAY_WAIT_S = VllmMetricsRelay("http://unused").wait_s  # a read older than this was made for an earlier scrape
 POLL = 0.1
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -139,8 +140,19 @@ class Serving:
         return out
 
 
-def scrape_series(url: str, count: int) -> list[float]:
-    return [timed_get(url)[0] for _ in range(count)]
+RELAY_AGE = "vllm_runtime_vllm_metrics_age_seconds"
+
+
+def scrape_series(url: str, count: int, ages: list[float] | None = None) -> list[float]:
+    """``count`` sequential GETs' milliseconds; with ``ages``, also each body's relayed-read age (s)."""
+    out = []
+    for _ in range(count):
+        ms, body = timed_get(url)
+        out.append(ms)
+        if ages is not None:
+            age = first_value(parse_exposition(body.decode()), RELAY_AGE)
+            ages.append(math.nan if age is None else age)
+    return out
 
 
 def summarize_ms(values: list[float]) -> dict[str, float]:
@@ -155,7 +167,8 @@ def scrape_cost(serve: ServeProcess, vllm_metrics: str | None, scrapes: int, scr
     scrape_series(runtime_url, 5)  # warm up connections and caches
     before = procs.cpu()
     started = time.monotonic()
-    runtime_ms = scrape_series(runtime_url, scrapes)
+    ages: list[float] = []
+    runtime_ms = scrape_series(runtime_url, scrapes, ages)
     window = time.monotonic() - started
     during = procs.cpu()
     idle_start = procs.cpu()
@@ -174,8 +187,22 @@ def scrape_cost(serve: ServeProcess, vllm_metrics: str | None, scrapes: int, scr
         "extra_cpu_core_share_at_interval": per_scrape_ms / 1000 / scrape_interval,
         "body_bytes": len(timed_get(runtime_url)[1]),
     }
+    if vllm_metrics is not None:  # how old the relayed vLLM read was (see VllmMetricsRelay)
+        known = [a for a in ages if not math.isnan(a)]
+        result["relay_age"] = {"n": len(known), "p50_s": percentile(known, 0.5), "p99_s": percentile(known, 0.99),
+                               "max_s": max(known) if known else math.nan,
+                               "earlier_read_share": sum(a > RELAY_WAIT_S for a in known) / max(1, len(known))}  # fmt: skip
     if vllm_metrics is not None:
+        direct_before, direct_started = procs.cpu(), time.monotonic()
         result["vllm_direct"] = summarize_ms(scrape_series(vllm_metrics + "/metrics", scrapes))
+        direct_window, direct_after = time.monotonic() - direct_started, procs.cpu()
+        idle_rate = sum(idle_end[k] - idle_start[k] for k in idle_end) / window if window else 0.0
+        per_read_ms = (sum(direct_after[k] - direct_before[k] for k in direct_after)
+                       - idle_rate * direct_window) / scrapes * 1000  # fmt: skip
+        # The relay's refresher reads vLLM once per refresh period while scraped: its cost is one such read.
+        refresh_s = VllmMetricsRelay("http://unused").refresh_s or math.inf
+        result["vllm_read_cpu_ms"] = per_read_ms
+        result["refresher_core_share"] = per_read_ms / 1000 / refresh_s
     return result
 
 
@@ -375,6 +402,15 @@ def markdown(results: dict[str, Any], command: str) -> str:
             d = scrape["vllm_direct"]
             lines.append(f"| vLLM's own /metrics, {state}: p50 / p99 (what the relay adds to) | "
                          f"{d['p50_ms']:.1f} / {d['p99_ms']:.1f} ms | | |")  # fmt: skip
+        if "relay_age" in scrape:
+            a = scrape["relay_age"]
+            lines.append(f"| age of the relayed vLLM read, {state}: p50 / p99 / max; scrapes given an earlier read | "
+                         f"{a['p50_s']:.3f} / {a['p99_s']:.3f} / {a['max_s']:.3f} s; "
+                         f"{a['earlier_read_share'] * 100:.0f} % | | |")  # fmt: skip
+        if "refresher_core_share" in scrape:
+            lines.append(f"| the relay's refresher, {state}: one vLLM /metrics read per second, CPU per read | "
+                         f"{scrape['vllm_read_cpu_ms']:.2f} ms = {scrape['refresher_core_share'] * 100:.3f} % of "
+                         "a core | | |")  # fmt: skip
         share = scrape["extra_cpu_core_share_at_interval"] * 100
         lines.append(f"| extra CPU per runtime scrape, {state} (runtime + vLLM API server) | "
                      f"{scrape['extra_cpu_ms_per_scrape']:.2f} ms = {share:.3f} % of a core at a "

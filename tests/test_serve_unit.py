@@ -23,6 +23,7 @@ from vllm_runtime import failures, layout, serve, summary, vllm_args
 from vllm_runtime.devhub.tiny_model import ModelShape, model_config
 from vllm_runtime.devhub.tiny_model import _tensor_shapes as tensor_shapes
 from vllm_runtime.metrics import (
+    VllmMetricsRelay,
     GpuMemory,
     MetricsHTTPServer,
     Nvml,
@@ -306,6 +307,111 @@ def test_metrics_server_appends_relayed_metrics_and_probes(tmp_path: Path) -> No
             server.stop()
     finally:
         upstream.stop()
+
+
+class _GatedUpstream:
+    """A stand-in for vLLM's /metrics that answers ``reads_total N`` (N counts the answers) and, while
+    ``gate`` is clear, holds every answer: a saturated vLLM that answers late."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.gate = threading.Event()
+        self.gate.set()
+        self.answers = 0
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                upstream.gate.wait(30)
+                upstream.answers += 1
+                body = f"reads_total {upstream.answers}\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/metrics"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.gate.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_relay_answers_with_the_previous_body_while_vllm_is_slow_and_never_with_an_old_one() -> None:
+    upstream = _GatedUpstream()
+    now = {"t": 1000.0}
+    relay = VllmMetricsRelay(upstream.url, wait_s=0.05, timeout_s=0.5, max_age_s=10.0, refresh_s=None,
+                             clock=lambda: now["t"])  # fmt: skip
+    try:
+        assert relay.get() == ("reads_total 1\n", 0.0)  # vLLM answers: its body, read for this scrape
+        upstream.gate.clear()  # vLLM is busy: the next read is held
+        now["t"] += 3.0
+        body, age = relay.get()
+        assert (body, age) == ("reads_total 1\n", 3.0)  # the previous body at once, with its age
+        assert relay.get() == ("reads_total 1\n", 3.0)  # a second scrape shares the read in flight
+        upstream.gate.set()  # vLLM answers the held read: the next scrape relays it
+        deadline = time.monotonic() + 30
+        while upstream.answers < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert upstream.answers == 2  # one read for both scrapes, not one each
+        body, _ = relay.get()
+        assert body in ("reads_total 2\n", "reads_total 3\n")  # the held read's answer or a newer one
+        upstream.gate.clear()
+        now["t"] += 11.0  # the last body is older than max_age_s: never relayed; vLLM's silence shows
+        assert relay.get() == (None, 0.0)
+    finally:
+        upstream.stop()
+
+
+def test_relay_keeps_its_body_recent_while_scraped_and_pauses_when_not() -> None:
+    upstream = _GatedUpstream()
+    now = {"t": 0.0}
+    relay = VllmMetricsRelay(upstream.url, refresh_s=0.02, idle_s=60.0, clock=lambda: now["t"])
+    try:
+        assert not relay.refreshing()  # nobody scraped yet: vLLM is not read
+        assert relay.get()[0] == "reads_total 1\n"
+        deadline = time.monotonic() + 30
+        while upstream.answers < 4 and time.monotonic() < deadline:  # read again without a scrape
+            time.sleep(0.01)
+        assert upstream.answers >= 4
+        answered = upstream.answers  # the last of these may still be on its way to the relay
+        upstream.gate.clear()  # vLLM slow: the scrape gets the refresher's latest body, not the first one
+        body, _ = relay.get()
+        assert body is not None and int(body.split()[1]) >= answered - 1 >= 3
+        now["t"] += 61.0
+        assert not relay.refreshing()  # no scrape for idle_s: the refresher stops reading vLLM
+    finally:
+        relay.close()
+        upstream.stop()
+
+
+def test_metrics_server_relays_the_body_age_and_up_state() -> None:
+    upstream = _GatedUpstream()
+    server = MetricsHTTPServer(port=0, metrics=ServeMetrics(nvml=_NoGpu()), relay_url=upstream.url, host="127.0.0.1")
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        samples = parse_exposition(urllib.request.urlopen(base + "/metrics").read().decode())
+        assert first_value(samples, "reads_total") == 1.0
+        assert first_value(samples, "vllm_runtime_vllm_metrics_up") == 1.0
+        age = first_value(samples, "vllm_runtime_vllm_metrics_age_seconds")
+        assert age is not None and 0.0 <= age < 5.0
+        upstream.stop()  # vLLM gone: the relay says so instead of serving an old body forever
+        server.relay = VllmMetricsRelay(upstream.url, wait_s=0.05, timeout_s=0.5, refresh_s=None)
+        text = urllib.request.urlopen(base + "/metrics").read().decode()
+        assert "reads_total" not in text
+        assert first_value(parse_exposition(text), "vllm_runtime_vllm_metrics_up") == 0.0
+    finally:
+        server.stop()
 
 
 def _status(url: str) -> int:

@@ -338,6 +338,11 @@ class ServeMetrics:
         self.vllm_metrics_up = Gauge(
             "vllm_runtime_vllm_metrics_up", "1 when the last relay of vLLM's /metrics succeeded", registry=r
         )
+        self.vllm_metrics_age = LateGauge(
+            "vllm_runtime_vllm_metrics_age_seconds",
+            "Seconds since the relayed vLLM metrics below were read: about vLLM's answer time when read for "
+            "this scrape; up to the refresh period (1 s) more when vLLM answered slower than the relay waits", r,
+        )
         # LoRA adapters (serve --adapters-file); vLLM's own vllm:lora_requests_info is relayed unchanged.
         self.adapter_loaded_gauge = Gauge(
             "vllm_runtime_adapter_loaded", "1 while the adapter is loaded in vLLM at its desired commit",
@@ -414,6 +419,96 @@ def fetch_text(url: str, timeout: float = 2.0) -> str | None:
         return None
 
 
+@dataclass
+class _Fetch:
+    """One GET of vLLM's /metrics; scrapes that arrive while it runs wait on the same one."""
+
+    started: float
+    done: threading.Event
+    body: str | None = None
+
+
+class VllmMetricsRelay:
+    """vLLM's ``/metrics`` for the runtime's scrape, without making every scrape as slow as a saturated vLLM.
+
+    vLLM's API server renders ``/metrics`` in the process that also feeds the engine, so under full load it
+    can take a few hundred milliseconds to answer. A scrape starts a read (one at a time: concurrent scrapes
+    and the refresher share it) and waits ``wait_s`` for it. When vLLM is slower than that, the scrape gets
+    the body of the last read that succeeded, if it is at most ``max_age_s`` old; the read in flight
+    refreshes it. So that this body is recent, not a scrape interval old, a refresher reads vLLM every
+    ``refresh_s`` while scrapes keep coming (none for ``idle_s``: it pauses). The body is vLLM's, byte for
+    byte, either way; ``vllm_runtime_vllm_metrics_age_seconds`` says how old it is. Without a recent body the
+    scrape waits for the read (``timeout_s``), and a vLLM that does not answer shows as no body.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        wait_s: float = 0.05,
+        timeout_s: float = 2.0,
+        max_age_s: float = 10.0,
+        refresh_s: float | None = 1.0,
+        idle_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.wait_s, self.timeout_s, self.max_age_s = wait_s, timeout_s, max_age_s
+        self.refresh_s, self.idle_s = refresh_s, idle_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._inflight: _Fetch | None = None
+        self._last_good: _Fetch | None = None
+        self._last_asked: float | None = None
+        self._closed = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    def _run(self, fetch: _Fetch) -> None:
+        fetch.body = fetch_text(self.url, timeout=self.timeout_s)
+        with self._lock:
+            if fetch.body is not None:
+                self._last_good = fetch
+            self._inflight = None
+        fetch.done.set()
+
+    def _read(self) -> tuple[_Fetch, _Fetch | None]:
+        """The read in flight (started now if there is none) and the last good one."""
+        with self._lock:
+            fetch = self._inflight
+            if fetch is None:
+                fetch = self._inflight = _Fetch(started=self._clock(), done=threading.Event())
+                threading.Thread(target=self._run, args=(fetch,), name="vllm-metrics-relay", daemon=True).start()
+            return fetch, self._last_good
+
+    def refreshing(self) -> bool:
+        """Whether the refresher reads vLLM now: a scrape came within ``idle_s``."""
+        return self._last_asked is not None and self._clock() - self._last_asked <= self.idle_s
+
+    def _refresh(self) -> None:
+        assert self.refresh_s is not None
+        while not self._closed.wait(self.refresh_s):
+            if self.refreshing():
+                self._read()
+
+    def get(self) -> tuple[str | None, float]:
+        """(vLLM's body or None when vLLM did not answer, the body's age in seconds)."""
+        self._last_asked = self._clock()
+        if self.refresh_s is not None and self._refresher is None:
+            self._refresher = threading.Thread(target=self._refresh, name="vllm-metrics-refresh", daemon=True)
+            self._refresher.start()
+        fetch, last_good = self._read()
+        if not fetch.done.wait(self.wait_s):
+            if last_good is not None and self._clock() - last_good.started <= self.max_age_s:
+                return last_good.body, self._clock() - last_good.started
+            fetch.done.wait(self.timeout_s)
+        if not fetch.done.is_set() or fetch.body is None:
+            return None, 0.0
+        return fetch.body, self._clock() - fetch.started
+
+    def close(self) -> None:
+        self._closed.set()
+
+
 class MetricsHTTPServer:
     """``/metrics`` (runtime registry + relayed vLLM metrics), ``/live`` and ``/ready`` on one port.
 
@@ -432,6 +527,7 @@ class MetricsHTTPServer:
     ) -> None:
         self.metrics = metrics
         self.relay_url = relay_url
+        self.relay = VllmMetricsRelay(relay_url) if relay_url else None
         self.is_ready = is_ready
         self.status = status
         server = self
@@ -468,8 +564,10 @@ class MetricsHTTPServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
 
     def render_metrics(self) -> bytes:
-        relayed = fetch_text(self.relay_url) if self.relay_url else None
+        relayed, age = self.relay.get() if self.relay else (None, 0.0)
         self.metrics.vllm_metrics_up.set(1 if relayed is not None else 0)
+        if relayed is not None:
+            self.metrics.vllm_metrics_age.set(age)
         body = self.metrics.exposition()
         if relayed:
             body += b"# vLLM's own metrics, relayed from " + self.relay_url.encode() + b"\n"  # type: ignore[union-attr]
@@ -483,6 +581,8 @@ class MetricsHTTPServer:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+        if self.relay is not None:
+            self.relay.close()
 
 
 def parse_exposition(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
