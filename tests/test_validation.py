@@ -363,6 +363,37 @@ def test_extra_args_refused_exactly_where_vllm_would_set_an_owned_setting(vllm_p
             assert _vllm_dest(vllm_parser, arg) is None, arg
 
 
+def test_lora_flags_refused_exactly_where_vllm_would_set_a_lora_setting(vllm_parser: Any) -> None:
+    """With ``spec.adapters`` serve owns vLLM's LoRA flags: the same oracle as above, for them."""
+    lora_dests = {vllm_parser._option_string_actions[flag].dest for flag in vllm_args.lora_flags(
+        max_loras=1, max_lora_rank=8, max_cpu_loras=1) if flag.startswith("--")}  # fmt: skip
+    assert lora_dests == {"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
+    lora_long = {f for f, a in vllm_parser._option_string_actions.items() if a.dest in lora_dests and f.startswith("--")}
+    assert "--no-enable-lora" in lora_long
+    spellings = {f for f in vllm_parser._option_string_actions if "lora" in f}  # every LoRA-ish flag vLLM has
+    for name in [f for f in vllm_parser._option_string_actions if f.startswith("--")]:
+        near = "lora" in name or name.startswith(("--max-", "--enable-", "--no-enable-"))  # abbreviations may clash
+        if near or any(lora.startswith(name) or name.startswith(lora) for lora in lora_long):
+            for spelled in {name[:n] for n in range(3, len(name) + 1)}:  # its abbreviations
+                spellings |= {spelled, spelled + "=1", spelled + ".x", spelled + ".x=1", "-" + spelled[2:]}
+            spellings |= {name.replace("-", "_").replace("__", "--", 1), name + "=8", name.replace("-", "_") + ".a_b"}
+    assert len(spellings) > 3000
+    (rule,) = [r for r in crd.spec_schema()["x-kubernetes-validations"] if r.get("fieldPath") == ".extraArgs"]
+    cel_rule = validation.compile_rule(rule["rule"])  # the CRD's rule, as the API server would judge it
+    adapters = celtypes.ListType([celtypes.MapType({celtypes.StringType("name"): celtypes.StringType("a")})])
+    for arg in sorted(spellings):
+        reaches = _vllm_dest(vllm_parser, arg) in lora_dests
+        refused = vllm_args.lora_flag_of(arg) is not None
+        assert not (reaches and not refused), f"{arg!r} reaches a LoRA setting but is not refused"
+        spec = celtypes.MapType({celtypes.StringType("adapters"): adapters,
+                                 celtypes.StringType("extraArgs"): celtypes.ListType([celtypes.StringType(arg)])})  # fmt: skip
+        assert (not cel_rule.evaluate({"self": spec})) == refused, f"{arg!r}: the CRD and vllm_args differ"
+        if arg in vllm_parser._option_string_actions:  # a real flag: refused only if it is a LoRA flag
+            assert refused == reaches, f"{arg!r}: a vLLM flag refused although serve does not set it"
+        elif refused and not reaches:  # refused although vLLM would not take it: vLLM refuses it too
+            assert _vllm_dest(vllm_parser, arg) is None, arg
+
+
 def test_a_config_file_really_sets_owned_settings(vllm_parser: Any, tmp_path: Path) -> None:
     """Why ``--config`` is refused: vLLM fills every flag the command line leaves out from the file."""
     (tmp_path / "flags.yaml").write_text("served-model-name: other\nmax-model-len: 4096\n")

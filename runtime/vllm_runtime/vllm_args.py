@@ -55,7 +55,8 @@ OWNED_LONG_ALIASES: dict[str, str] = {"--device-memory-utilization": "--gpu-memo
 # (``--max-model-le``), underscores for dashes, ``--no-<flag>`` for booleans (BooleanOptionalAction), a
 # value glued to a short flag (``-qfp8``), and a dotted name as a JSON field of the flag before the dot
 # (``--served-model-name.x y`` sets --served-model-name to '{"x": "y"}'). These full vLLM flags are
-# prefixes of an owned flag but are not abbreviations of it: argparse prefers an exact match.
+# prefixes of an owned flag but are not abbreviations of it: argparse prefers an exact match (no full vLLM
+# flag is a prefix of a LoRA flag, ``LORA_FLAGS``; tests/test_validation.py checks both against vLLM's parser).
 NOT_ABBREVIATIONS: frozenset[str] = frozenset({"--tokenizer"})
 # ``--config FILE`` (this exact token; vLLM loads no file for ``--config=FILE``) fills every flag the command
 # line leaves out from a YAML file in the pod, owned ones included (``served-model-name``, ``max-model-len``):
@@ -82,10 +83,17 @@ def lora_flags(*, max_loras: int, max_lora_rank: int, max_cpu_loras: int) -> lis
     return [ENABLE_LORA_FLAG, *(arg for key, flag in LORA_FLAGS.items() for arg in (flag, str(values[key])))]
 
 
-def lora_flags_in(args: Sequence[str]) -> list[str]:
-    """The LoRA flags (long form) that ``args`` set, in any spelling with underscores or ``=value``."""
-    names = {ENABLE_LORA_FLAG, *LORA_FLAGS.values()}
-    return sorted({_flag_name(a) for a in args if a.startswith("--") and _flag_name(a) in names})
+def lora_flag_of(arg: str) -> str | None:
+    """The LoRA flag (long form) that vLLM's parser would take ``arg`` for, or None: the rules of
+    :func:`owned_flag_of` (``--max-lora-r``, ``--max_cpu_loras=8``, ``--max-loras.x``, ``--no-enable-lora``;
+    a prefix of several flags, such as ``--max-lora``, too, since vLLM refuses it as ambiguous)."""
+    return _long_flag_of(arg, _lora_long_names()) if arg.startswith("--") else None
+
+
+def lora_flags_in(args: Sequence[str]) -> list[tuple[str, str]]:
+    """(argument as given, the LoRA flag it reaches) for each of ``args`` that reaches one, in any spelling
+    vLLM accepts (:func:`lora_flag_of`); empty when none."""
+    return [(arg, flag) for arg in args if (flag := lora_flag_of(arg)) is not None]
 
 
 class OwnedFlagError(ValueError):
@@ -121,6 +129,25 @@ def _owned_long_names() -> dict[str, str]:
     return names
 
 
+def _lora_long_names() -> dict[str, str]:
+    """Every long spelling vLLM parses as a LoRA flag, without abbreviation -> the LoRA flag."""
+    names = {flag: flag for flag in (ENABLE_LORA_FLAG, *LORA_FLAGS.values())}
+    names["--no-" + ENABLE_LORA_FLAG[2:]] = ENABLE_LORA_FLAG  # --enable-lora is a BooleanOptionalAction
+    return names
+
+
+def _long_flag_of(arg: str, long_names: Mapping[str, str]) -> str | None:
+    """The flag of ``long_names`` (spelling -> flag) that vLLM's parser would take the long flag ``arg`` for,
+    or None: underscores for dashes, ``=value``, ``--flag.key`` (a JSON field of ``--flag``), and any prefix
+    of a spelling (an abbreviation; a prefix of several flags is refused too, as vLLM refuses it as ambiguous)
+    other than a full vLLM flag of its own (``NOT_ABBREVIATIONS``)."""
+    name = _flag_name(arg).split(".", 1)[0]  # vLLM reads ``--flag.key`` as a JSON field of ``--flag``
+    if name == "--" or name in NOT_ABBREVIATIONS:
+        return None
+    reached = sorted(flag for spelled, flag in long_names.items() if spelled.startswith(name))
+    return long_names.get(name) or (reached[0] if reached else None)
+
+
 def owned_flag_of(arg: str) -> str | None:
     """The owned flag that vLLM's parser would take ``arg`` for, or None.
 
@@ -131,11 +158,7 @@ def owned_flag_of(arg: str) -> str | None:
     if arg == CONFIG_FILE_FLAG:
         return CONFIG_FILE_FLAG
     if arg.startswith("--"):
-        name = _flag_name(arg).split(".", 1)[0]  # vLLM reads ``--flag.key`` as a JSON field of ``--flag``
-        if name == "--" or name in NOT_ABBREVIATIONS:
-            return None
-        reached = sorted(owned for spelled, owned in _owned_long_names().items() if spelled.startswith(name))
-        return _owned_long_names().get(name) or (reached[0] if reached else None)
+        return _long_flag_of(arg, _owned_long_names())
     if arg.startswith("-"):
         name = arg.split("=", 1)[0].split(".", 1)[0]
         for short, owned in OWNED_SHORT_FLAGS.items():
@@ -169,21 +192,41 @@ def check_extra_args(extra_args: Sequence[str]) -> None:
 def cel_owned_flag_rule() -> str:
     """The CEL rule on each ``spec.extraArgs`` item that refuses what :func:`owned_flag_of` refuses.
 
-    The CRD carries this text (tests/test_crd.py checks it is current). Portable CEL has no substring
-    functions, so prefixes are one RE2 pattern: a trie of the owned names where each further character
-    is optional, dashes also written as underscores, followed by ``=``, ``.`` (a dotted JSON field) or the end.
+    The CRD carries this text (tests/test_crd.py checks it is current). Long flags are matched as
+    :func:`_cel_long_flag_match` says; short ones by their letters, glued values included.
     """
-    long_names = sorted({name[2:] for name in _owned_long_names()})
-    exceptions = sorted(name[2:] for name in NOT_ABBREVIATIONS)
     shorts = sorted(short[1:] for short in OWNED_SHORT_FLAGS)
     short_alternatives = list(shorts)
     short_alternatives += [f"{short[:n]}(?:[=.]|$)" for short in shorts for n in range(1, len(short))]
     return (
-        f"!(self.matches('^--{_prefix_pattern(long_names)}(?:[=.]|$)')"
-        f" && !self.matches('^--(?:{'|'.join(_dashes(e) for e in exceptions)})(?:[=.]|$)'))"
+        f"!({_cel_long_flag_match('self', _owned_long_names())})"
         f" && !self.matches('^-(?:{'|'.join(short_alternatives)})')"
         f" && self != '{CONFIG_FILE_FLAG}'"
     )
+
+
+def cel_lora_flag_rule() -> str:
+    """The CEL rule on ``spec`` that refuses, with ``spec.adapters``, an ``spec.extraArgs`` item that
+    :func:`lora_flag_of` takes for a LoRA flag (``vllm-runtime serve --adapters-file`` sets them from
+    spec.maxLoras/maxLoraRank/maxCpuLoras and refuses them after ``--``). The CRD carries this text
+    (tests/test_lora_flags.py checks it is current)."""
+    return (
+        "!has(self.adapters) || !has(self.extraArgs)"
+        f" || self.extraArgs.all(a, !({_cel_long_flag_match('a', _lora_long_names())}))"
+    )
+
+
+def _cel_long_flag_match(var: str, long_names: Mapping[str, str]) -> str:
+    """CEL that is true when the string ``var`` is a long flag :func:`_long_flag_of` takes for one of
+    ``long_names``: a trie of the spellings where each further character is optional (portable CEL has no
+    substring functions), dashes also written as underscores, followed by ``=``, ``.`` (a dotted JSON field)
+    or the end; less the full vLLM flags that only look like abbreviations (``NOT_ABBREVIATIONS``)."""
+    names = sorted({name[2:] for name in long_names})
+    exceptions = sorted(e[2:] for e in NOT_ABBREVIATIONS if any(name.startswith(e) for name in long_names))
+    match = f"{var}.matches('^--{_prefix_pattern(names)}(?:[=.]|$)')"
+    if exceptions:
+        match += f" && !{var}.matches('^--(?:{'|'.join(_dashes(e) for e in exceptions)})(?:[=.]|$)')"
+    return match
 
 
 def _dashes(text: str) -> str:
