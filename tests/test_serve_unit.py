@@ -481,6 +481,7 @@ def test_supervisor_readiness_metrics_status_and_sigterm(tmp_path: Path) -> None
         assert status["ready"] is True and status["commit"] == COMMIT
         dumped = json.loads((tmp_path / "fake-env.json").read_text())
         assert dumped["env"]["HF_HUB_OFFLINE"] == "1"
+        assert dumped["nice"] == os.nice(0) + serve.VLLM_NICE  # vLLM yields the CPU to the runtime's probes
         assert dumped["env"]["VLLM_CACHE_ROOT"].startswith(str(tmp_path / "compile"))
         assert list((tmp_path / "state" / "leases").glob("*.lease"))  # the commit is marked in use
     finally:
