@@ -800,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resync-interval", type=float,
                         help="VLLM_OPERATOR_RECONCILE_INTERVAL_SECONDS for both sides (s)")  # fmt: skip
     parser.add_argument("--idle-window", type=float, help="seconds idle after the burst (default resync + 5)")
+    parser.add_argument("--burst-timeout", type=float, help="seconds the burst may take to be all Ready (300)")
     parser.add_argument("--env", action="append", default=[], metavar="VLLM_OPERATOR_X=V",
                         help="another operator variable for both sides (repeatable)")  # fmt: skip
     parser.add_argument("--tracemalloc", type=Path, help="diagnostics: the operator's top allocations go here")
@@ -825,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     report = with_facts(run(
         args.size, args.workdir, args.tracemalloc, args.resync_interval, baseline=args.baseline,
         scenarios=scenarios, baseline_scenarios=baseline_scenarios, latency_models=args.latency_models, burst_models=args.burst_models,
-        cycles=args.cycles, cycle_batch=args.cycle_batch, cycle_until=args.cycle_until, idle_window=args.idle_window, env=env or None,
+        cycles=args.cycles, cycle_batch=args.cycle_batch, cycle_until=args.cycle_until, idle_window=args.idle_window, burst_timeout=args.burst_timeout, env=env or None,
     ), args.workdir)  # fmt: skip
     print(report["markdown"])
     print(f"\n{report['size']} size, {report['seconds']:.0f} s; per scenario: "
