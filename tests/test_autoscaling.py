@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import kmock
 import kubernetes_validate
 import pytest
 import pytest_asyncio
@@ -34,7 +33,7 @@ from kube_emulator import (
     commit_for,
 )
 from test_chart import _contained
-from test_operator_kmock import REPO, Cluster, Operator, condition, eventually, free_port, job_name
+from test_operator_kmock import REPO, Cluster, condition, eventually, free_port, job_name, operator_on
 
 from hub_fixtures import TINY_REPO
 
@@ -332,14 +331,8 @@ def _config(hub: DevHub) -> Config:
 async def _own_cluster(hub: DevHub, *, optional_apis: bool = True, namespaces: tuple[str, ...] = ()
                        ) -> AsyncIterator[Cluster]:  # fmt: skip
     """An emulator (``optional_apis=False``: it serves neither KEDA nor the InferencePool) and an operator."""
-    async with KubeEmulator(optional_apis=optional_apis) as emu, kmock.Server(emu) as server:
-        operator = Operator(_config(hub), str(server.url).rstrip("/"), namespaces=namespaces)
-        await operator.start()
-        try:
-            yield Cluster(emu, operator)
-        finally:
-            if operator.thread is not None:
-                await operator.stop()
+    async with KubeEmulator(optional_apis=optional_apis) as emu, operator_on(emu, _config(hub), namespaces) as running:
+        yield running
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

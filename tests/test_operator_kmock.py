@@ -147,10 +147,11 @@ async def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEO
 
 
 @contextlib.asynccontextmanager
-async def operator_on(emu: KubeEmulator, config: Config) -> AsyncIterator[Cluster]:
-    """The real operator against ``emu`` (served over HTTP), for a test module's fixture."""
+async def operator_on(emu: KubeEmulator, config: Config, namespaces: tuple[str, ...] = ()) -> AsyncIterator[Cluster]:
+    """The real operator against ``emu`` (served over HTTP), for a test module's fixture; ``namespaces``:
+    the namespaces it watches (all when empty)."""
     async with kmock.Server(emu) as server:
-        operator = Operator(config, str(server.url).rstrip("/"))
+        operator = Operator(config, str(server.url).rstrip("/"), namespaces=namespaces)
         await operator.start()
         try:
             yield Cluster(emu, operator)
@@ -174,18 +175,12 @@ async def cluster(tiny_model_dir: Path) -> AsyncIterator[Cluster]:
     # A loopback Hub serving TINY_REPO, so the operator's memory planner reads a real config and headers.
     with DevHub() as hub:
         hub.add_repo(TINY_REPO, tiny_model_dir)
-        async with KubeEmulator() as emu, kmock.Server(emu) as server:
-            # A long resync: convergence in these tests must come from watches and retries, not the timer.
-            # Refusals surface after 2 s and retries back off to at most 2 s, so the tests stay short.
-            config = Config(reconcile_interval_seconds=600, metrics_port=free_port(), hf_endpoint=hub.url,
-                            surface_failures_after_seconds=2, retry_max_delay_seconds=2)  # fmt: skip
-            operator = Operator(config, str(server.url).rstrip("/"))
-            await operator.start()
-            try:
-                yield Cluster(emu, operator)
-            finally:
-                if operator.thread is not None:
-                    await operator.stop()
+        # A long resync: convergence in these tests must come from watches and retries, not the timer.
+        # Refusals surface after 2 s and retries back off to at most 2 s, so the tests stay short.
+        config = Config(reconcile_interval_seconds=600, metrics_port=free_port(), hf_endpoint=hub.url,
+                        surface_failures_after_seconds=2, retry_max_delay_seconds=2)  # fmt: skip
+        async with KubeEmulator() as emu, operator_on(emu, config) as running:
+            yield running
 
 
 @pytest.fixture(autouse=True)
