@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import re
 
+from vllm_runtime.errors import ClassifiedError
 
-class AdapterError(Exception):
+
+class AdapterError(ClassifiedError):
     """An adapter that is not loaded, and why. ``message`` names the adapter and the fix."""
 
     reason = "AdapterLoadFailed"
-    retryable = False
 
     def __init__(self, adapter: str, message: str) -> None:
         super().__init__(f"adapter {adapter!r}: {message}")
         self.adapter = adapter
-        self.message = f"adapter {adapter!r}: {message}"
 
 
 class InvalidAdapterEntry(AdapterError):

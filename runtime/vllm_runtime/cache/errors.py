@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import json
-from typing import ClassVar
 
 import httpx2
 from huggingface_hub.errors import (
@@ -31,17 +30,13 @@ from huggingface_hub.errors import (
 )
 
 from vllm_runtime import summary
+from vllm_runtime.errors import ClassifiedError
 
 
-class CacheError(Exception):
+class CacheError(ClassifiedError):
     """A classified failure of ``vllm-runtime cache``. Subclasses set ``reason`` and ``retryable``."""
 
-    reason: ClassVar[str] = "InternalError"
-    retryable: ClassVar[bool] = False
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+    reason = "InternalError"
 
     @property
     def exit_code(self) -> int:
