@@ -27,7 +27,7 @@ def main() -> int:
     parser.add_argument("--served-model-name", nargs="*")
     args, _unknown = parser.parse_known_args()
     if dump := os.environ.get("FAKE_VLLM_ENV_DUMP"):
-        Path(dump).write_text(json.dumps({"env": dict(os.environ), "argv": sys.argv[1:], "nice": os.nice(0)}))
+        Path(dump).write_text(json.dumps({"env": dict(os.environ), "argv": sys.argv[1:], "nice": os.nice(0), "pid": os.getpid()}))
     say = lambda line: print(line, flush=True)  # noqa: E731
     say("(APIServer pid=1) INFO 11-27 21:00:00 [api_utils.py:286] non-default args: {...}")
     if os.environ.get("FAKE_VLLM_MODE") == "fail":

@@ -482,6 +482,10 @@ def test_supervisor_readiness_metrics_status_and_sigterm(tmp_path: Path) -> None
         dumped = json.loads((tmp_path / "fake-env.json").read_text())
         assert dumped["env"]["HF_HUB_OFFLINE"] == "1"
         assert dumped["nice"] == os.nice(0) + serve.VLLM_NICE  # vLLM yields the CPU to the runtime's probes
+        vllm_pid = int(dumped["pid"])
+        autogroup = Path(f"/proc/{vllm_pid}/autogroup")
+        if autogroup.exists():  # its own session's scheduling group is nicer too (see lower_session_priority)
+            assert autogroup.read_text().split()[-1] == str(serve.VLLM_NICE), autogroup.read_text()
         assert dumped["env"]["VLLM_CACHE_ROOT"].startswith(str(tmp_path / "compile"))
         assert list((tmp_path / "state" / "leases").glob("*.lease"))  # the commit is marked in use
     finally:

@@ -519,6 +519,21 @@ class PhaseTracker:
 # --------------------------------------------------------------------------- supervision
 
 
+def lower_session_priority(pid: int, nice: int) -> bool:
+    """Give the session ``pid`` leads (vLLM's: ``start_new_session``) the niceness ``nice``; True when set.
+
+    Outside a container cgroup, with the kernel's autogroup scheduling on, each session is its own
+    scheduling group and a process's own niceness only ranks it inside its session, so vLLM's os.nice
+    alone would not let the runtime's threads go first. Raising a group's niceness needs no privilege.
+    In a pod's cgroup autogroups are not used and os.nice is what counts; without the file, nothing to do.
+    """
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+    except OSError:
+        return False
+    return True
+
+
 class Supervisor:
     """Runs vLLM, relays its output, tracks phases and readiness, forwards signals."""
 
@@ -608,6 +623,8 @@ class Supervisor:
             # inherit the lower priority.
             preexec_fn=functools.partial(os.nice, self.vllm_nice) if self.vllm_nice > 0 else None,  # noqa: PLW1509
         )
+        if self.vllm_nice > 0:
+            lower_session_priority(self.proc.pid, self.vllm_nice)
         pump = threading.Thread(target=self._pump, name="vllm-output", daemon=True)
         pump.start()
         threading.Thread(target=self._probe_loop, name="readiness", daemon=True).start()
