@@ -217,10 +217,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     # --- changing the state as a cluster component would ------------------------------------------
 
-    async def put(self, resource: kmock.resource, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        """Merge ``patch`` into an object (creating it if missing) and tell the watchers."""
+    async def put(self, resource: kmock.resource, namespace: str, name: str, patch: dict[str, Any],
+                  *, create: bool = True) -> None:  # fmt: skip
+        """Merge ``patch`` into an object (creating it if missing, unless ``create`` is False) and tell the watchers.
+
+        The emulated controllers write status with ``create=False``: their write can come after the object was
+        deleted (a model deleted within a Job's first 50 ms), and a real API server answers that with 404
+        instead of re-creating an ownerless object that nothing would ever collect."""
         async with self._lock:
             key = (resource, namespace, name)
+            if not create and (key not in self.objects or self.objects[key].deleted):
+                return
             if key in self.objects and not self.objects[key].deleted:
                 self.objects[key].patch(patch)
                 kind = "MODIFIED"
@@ -388,7 +395,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             reaction = self._roll_statefulset(obj)
         elif resource == PVCS and before is None and self.bind_pvcs:
             meta = obj["metadata"]
-            reaction = self.put(PVCS, meta["namespace"], meta["name"], {"status": {"phase": "Bound"}})
+            reaction = self.put(PVCS, meta["namespace"], meta["name"], {"status": {"phase": "Bound"}}, create=False)
         if reaction is not None:
             task = asyncio.get_running_loop().create_task(reaction)
             self._tasks.add(task)
@@ -405,7 +412,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         labels = {**(template.get("metadata", {}).get("labels") or {}), "job-name": name,
                   "batch.kubernetes.io/job-name": name}  # fmt: skip
         container = template["spec"]["containers"][0]
-        await self.put(JOBS, ns, name, {"status": {"active": 1, "startTime": _now()}})
+        await self.put(JOBS, ns, name, {"status": {"active": 1, "startTime": _now()}}, create=False)
+        if self.read(JOBS, ns, name) is None:  # deleted meanwhile: the Job controller starts no pod
+            return
         await self.put(PODS, ns, f"{name}-pod", {
             "metadata": {"labels": labels, "ownerReferences": [
                 {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": meta["uid"], "controller": True}]},
@@ -447,12 +456,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
                   "succeeded": 1 if outcome.ok else None, "failed": None if outcome.ok else 1,
                   "conditions": [{k: v for k, v in condition.items() if v is not None}]}  # fmt: skip
         if outcome.pod_report is None:
-            await self.put(PODS, ns, f"{name}-pod", pod_status)
-            await self.put(JOBS, ns, name, {"status": status})
+            await self.put(PODS, ns, f"{name}-pod", pod_status, create=False)
+            await self.put(JOBS, ns, name, {"status": status}, create=False)
         else:
-            await self.put(JOBS, ns, name, {"status": status})
+            await self.put(JOBS, ns, name, {"status": status}, create=False)
             await outcome.pod_report.wait()
-            await self.put(PODS, ns, f"{name}-pod", pod_status)
+            await self.put(PODS, ns, f"{name}-pod", pod_status, create=False)
 
     async def _roll_deployment(self, deployment: dict[str, Any]) -> None:
         await asyncio.sleep(0.05)
@@ -469,7 +478,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             await self.put(PODS, meta["namespace"], f"{meta['name']}-g{meta.get('generation')}-surge",
                            self._pending_pod(template))  # fmt: skip
             status = {"observedGeneration": meta.get("generation", 1), "replicas": replicas + 1, "updatedReplicas": 0}
-        await self.put(DEPLOYMENTS, meta["namespace"], meta["name"], {"status": status})
+        await self.put(DEPLOYMENTS, meta["namespace"], meta["name"], {"status": status}, create=False)
 
     def _pending_pod(self, template: dict[str, Any]) -> dict[str, Any]:
         since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=self.unschedulable_for)
@@ -528,7 +537,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                   "readyReplicas": ready, "availableReplicas": ready, "updatedReplicas": updated,
                   "currentReplicas": sum(1 for h in hashes if h == (revision if updated == replicas else old)),
                   "updateRevision": revision, "currentRevision": revision if updated == replicas else old}  # fmt: skip
-        await self.put(STATEFULSETS, ns, name, {"status": status})
+        await self.put(STATEFULSETS, ns, name, {"status": status}, create=False)
 
     async def _start_replica(self, sts: dict[str, Any], ordinal: int, revision: str, template: dict[str, Any]) -> None:
         meta = sts["metadata"]
