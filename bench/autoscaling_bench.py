@@ -54,17 +54,22 @@ from prometheus_fixtures import (  # noqa: E402
     SATURABLE_VLLM_ARGS,
     LoadGenerator,
     PrometheusServer,
+    vllm_waiting,
     wait_until,
 )
 
 from vllm_operator import promql  # noqa: E402
 from vllm_runtime.demo import CPU_ENV, ServeProcess, cache_model, hub_env, loopback_hub  # noqa: E402
-from vllm_runtime.metrics import VllmMetricsRelay, first_value, parse_exposition  # noqa: E402
+from vllm_runtime.metrics import (  # noqa: E402
+    RELAY_REFRESH_SECONDS,
+    RELAY_WAIT_SECONDS,
+    first_value,
+    parse_exposition,
+)
 
 MODEL = "demo-org/tiny-llama"
 TARGET = 2.0  # waiting requests per replica
 SCRAPE_GOAL_MS = 100.0
-RELAY_WAIT_S = VllmMetricsRelay("http://unused").wait_s  # a read older than this was made for an earlier scrape
 POLL = 0.1
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -191,7 +196,7 @@ def scrape_cost(serve: ServeProcess, vllm_metrics: str | None, scrapes: int, scr
         known = [a for a in ages if not math.isnan(a)]
         result["relay_age"] = {"n": len(known), "p50_s": percentile(known, 0.5), "p99_s": percentile(known, 0.99),
                                "max_s": max(known) if known else math.nan,
-                               "earlier_read_share": sum(a > RELAY_WAIT_S for a in known) / max(1, len(known))}  # fmt: skip
+                               "earlier_read_share": sum(a > RELAY_WAIT_SECONDS for a in known) / max(1, len(known))}  # fmt: skip
     if vllm_metrics is not None:
         direct_before, direct_started = procs.cpu(), time.monotonic()
         result["vllm_direct"] = summarize_ms(scrape_series(vllm_metrics + "/metrics", scrapes))
@@ -200,19 +205,12 @@ def scrape_cost(serve: ServeProcess, vllm_metrics: str | None, scrapes: int, scr
         per_read_ms = (sum(direct_after[k] - direct_before[k] for k in direct_after)
                        - idle_rate * direct_window) / scrapes * 1000  # fmt: skip
         # The relay's refresher reads vLLM once per refresh period while scraped: its cost is one such read.
-        refresh_s = VllmMetricsRelay("http://unused").refresh_s or math.inf
         result["vllm_read_cpu_ms"] = per_read_ms
-        result["refresher_core_share"] = per_read_ms / 1000 / refresh_s
+        result["refresher_core_share"] = per_read_ms / 1000 / RELAY_REFRESH_SECONDS
     return result
 
 
 # ----------------------------------------------------------------------------------- signal latency
-
-
-def vllm_waiting(api: str) -> float:
-    _, body = timed_get(api + "/metrics")
-    samples = parse_exposition(body.decode())
-    return sum(v for _, v in samples.get("vllm:num_requests_waiting", []))
 
 
 def signal_round(

@@ -177,6 +177,15 @@ class PrometheusServer:
 # ------------------------------------------------------------------------------------- load generator
 
 
+def vllm_waiting(api: str) -> float:
+    """vLLM's own ``vllm:num_requests_waiting`` from its /metrics on ``api``, its engines added up (0 when it
+    exports none yet)."""
+    from vllm_runtime.demo import scrape
+
+    _, samples = scrape(api)
+    return sum(value for _, value in samples.get("vllm:num_requests_waiting", []))
+
+
 class LoadGenerator:
     """``concurrency`` threads sending ``/v1/completions`` back to back until ``stop()`` or ``deadline_s``.
 

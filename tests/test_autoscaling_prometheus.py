@@ -31,6 +31,7 @@ from prometheus_fixtures import (
     SaturableServer,
     StabilizedHpa,
     hpa_desired_replicas,
+    vllm_waiting,
     wait_until,
 )
 
@@ -230,12 +231,6 @@ def test_rendered_queries_rise_past_the_target_under_load_and_scale_back_after_t
     wait_until(lambda: prometheus.scalar(rendered_keda_query(prometheus.url, "runningRequests", 0.5)) == 0.0,
                timeout=30, what="no request running")  # fmt: skip
     assert prometheus.scalar(rendered_keda_query(prometheus.url, "kvCacheUsage", 0.8)) == 0.0
-
-
-def vllm_waiting(api: str) -> float:
-    """vLLM's own num_requests_waiting, from its /metrics (0 when it exports none yet)."""
-    samples = _samples(scrape(api)[0], ("vllm:num_requests_waiting",))["vllm:num_requests_waiting"]
-    return sum(value for _, value in samples)
 
 
 def rendered_keda_query(server_address: str, metric: str, target: float) -> str:

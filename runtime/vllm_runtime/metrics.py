@@ -419,6 +419,10 @@ def fetch_text(url: str, timeout: float = 2.0) -> str | None:
         return None
 
 
+RELAY_WAIT_SECONDS = 0.05  # how long a scrape waits for its own read of vLLM's /metrics
+RELAY_REFRESH_SECONDS = 1.0  # how often the relay reads vLLM while the pod is scraped
+
+
 @dataclass
 class _Fetch:
     """One GET of vLLM's /metrics; scrapes that arrive while it runs wait on the same one."""
@@ -445,10 +449,10 @@ class VllmMetricsRelay:
         self,
         url: str,
         *,
-        wait_s: float = 0.05,
+        wait_s: float = RELAY_WAIT_SECONDS,
         timeout_s: float = 2.0,
         max_age_s: float = 10.0,
-        refresh_s: float | None = 1.0,
+        refresh_s: float | None = RELAY_REFRESH_SECONDS,
         idle_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -526,7 +530,6 @@ class MetricsHTTPServer:
         host: str = "0.0.0.0",  # noqa: S104 - scraped and probed from outside the pod
     ) -> None:
         self.metrics = metrics
-        self.relay_url = relay_url
         self.relay = VllmMetricsRelay(relay_url) if relay_url else None
         self.is_ready = is_ready
         self.status = status
@@ -570,7 +573,7 @@ class MetricsHTTPServer:
             self.metrics.vllm_metrics_age.set(age)
         body = self.metrics.exposition()
         if relayed:
-            body += b"# vLLM's own metrics, relayed from " + self.relay_url.encode() + b"\n"  # type: ignore[union-attr]
+            body += b"# vLLM's own metrics, relayed from " + self.relay.url.encode() + b"\n"  # type: ignore[union-attr]
             body += relayed.encode() + (b"" if relayed.endswith("\n") else b"\n")
         return body
 
