@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,9 @@ class TimedEmulator(KubeEmulator):
     _in_flight: dict[int, Any] = attrs.field(factory=dict, init=False)
     _by_model: dict[tuple[Any, Any, str], list[Any]] = attrs.field(factory=dict, init=False)
     _indexed: int = attrs.field(default=0, init=False)
+    # uid -> key and owner uid -> keys, as last written; checked against the store on every read
+    _key_of_uid: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _owned_by: dict[str, set[Any]] = attrs.field(factory=dict, init=False)
 
     def _store(self) -> dict[Any, Any]:
         return self.objects._objects  # type: ignore[no-any-return]
@@ -135,10 +138,71 @@ class TimedEmulator(KubeEmulator):
     def _index(self) -> None:
         store = self._store()
         for key, obj in itertools.islice(store.items(), self._indexed, None):
-            labels = ((obj.last.raw if obj.deleted else obj.raw).get("metadata") or {}).get("labels") or {}
+            raw = obj.last.raw if obj.deleted else obj.raw
+            labels = (raw.get("metadata") or {}).get("labels") or {}
             if LABEL_MODEL in labels:
                 self._by_model.setdefault((key[0], key[1], labels[LABEL_MODEL]), []).append(key)
+            self._index_owners(key, raw)
         self._indexed = len(store)
+
+    def _index_owners(self, key: Any, raw: dict[str, Any]) -> None:
+        meta = raw.get("metadata") or {}
+        if meta.get("uid"):
+            self._key_of_uid[meta["uid"]] = key
+        for ref in meta.get("ownerReferences") or []:
+            self._owned_by.setdefault(ref.get("uid"), set()).add(key)
+
+    # The base emulator scans every stored object for each owned create and each delete; over thousands
+    # of create/delete cycles that scan, not the operator, would set the pace. Same answers, from the index.
+    def _react(self, resource: kmock.resource, obj: dict[str, Any], before: dict[str, Any] | None) -> None:
+        self._index()
+        self._index_owners((resource, obj["metadata"]["namespace"], obj["metadata"]["name"]), obj)
+        super()._react(resource, obj, before)
+
+    async def put(self, resource: kmock.resource, namespace: str, name: str, patch: dict[str, Any],
+                  *, create: bool = True) -> None:  # fmt: skip
+        await super().put(resource, namespace, name, patch, create=create)
+        obj = self._store().get((resource, namespace, name))
+        if obj is not None and not obj.deleted:
+            self._index_owners((resource, namespace, name), obj.raw)
+
+    def _live(self, key: Any) -> dict[str, Any] | None:
+        obj = self._store().get(key)
+        return None if obj is None or obj.deleted else obj.raw
+
+    def _any_alive(self, uids: set[Any]) -> bool:
+        self._index()
+        for uid in uids:
+            raw = self._live(self._key_of_uid.get(uid))
+            if raw is not None and raw["metadata"].get("uid") == uid:
+                return True
+        return super()._any_alive(uids)  # not indexed (an owner that is gone): the exact answer
+
+    def _dependents_of(self, uids: set[Any]) -> list[tuple[Any, Any, Any]]:
+        self._index()
+        found = []
+        for key in {key for uid in uids for key in self._owned_by.get(uid, ())}:
+            raw = self._live(key)
+            if raw is not None and any(ref.get("uid") in uids for ref in raw["metadata"].get("ownerReferences") or []):
+                found.append(key)
+        return found
+
+    def store_stats(self) -> dict[str, int]:
+        """What the emulator holds: live and deleted objects, their stored versions, unread watch events."""
+        store = self._store()
+        live_by_kind = Counter(getattr(key[0], "plural", "?") for key, obj in store.items() if not obj.deleted)
+        live = sum(live_by_kind.values())
+        return {
+            **{f"live {kind}": n for kind, n in sorted(live_by_kind.items())},
+            "live": live,
+            "deleted": len(store) - live,
+            "versions": sum(len(obj.history) for obj in store.values()),
+            "live_events": sum(1 for key, obj in store.items()
+                               if not obj.deleted and getattr(key[0], "plural", None) == "events"),  # fmt: skip
+            "watch_buffer": sum(bus.buffer_size for bus in self._buses.values()),
+            "tasks": len(self._tasks),
+            "requests_kept": len(self._requests),
+        }
 
     def _dispatched(self, request: kmock.Request) -> None:
         """kmock matched the request to a reaction: it no longer needs to be in the history."""
@@ -236,19 +300,28 @@ class TimedEmulator(KubeEmulator):
                                             per_model_lists - before[2], models)  # fmt: skip
 
     def purge(self, models: set[str]) -> int:
-        """Hard-delete soft-deleted objects and the Events of ``models``; the number removed.
+        """Hard-delete soft-deleted objects and the Events of ``models`` or of objects that are gone.
 
-        A long create/delete run would otherwise keep every deleted object (kmock keeps their history),
-        and the emulator's garbage collector and owner check scan all of them on every write: the
-        emulator, not the operator, would slow down with the cycle count.
+        A long create/delete run would otherwise keep every deleted object (kmock keeps their history)
+        and every Event (a real API server expires them after an hour; the operator does not watch them).
         """
         store = self._store()
-        gone = [key for key, obj in store.items() if obj.deleted or (
-            getattr(key[0], "plural", None) == "events"
-            and ((obj.raw.get("involvedObject") or obj.raw.get("regarding") or {}).get("name") in models))]  # fmt: skip
+        live = {(getattr(key[0], "plural", None), key[1], key[2]) for key, obj in store.items() if not obj.deleted}
+
+        def stale_event(key: Any, obj: Any) -> bool:
+            if getattr(key[0], "plural", None) != "events":
+                return False
+            about = obj.raw.get("involvedObject") or obj.raw.get("regarding") or {}
+            plural = VLLMMODELS.plural if about.get("kind") == "VLLMModel" else None
+            return about.get("name") in models or (
+                plural is not None and (plural, about.get("namespace"), about.get("name")) not in live)
+
+        gone = [key for key, obj in store.items() if obj.deleted or stale_event(key, obj)]
         for key in gone:
             del store[key]
         self._by_model.clear()
+        self._key_of_uid.clear()
+        self._owned_by.clear()
         self._indexed = 0
         return len(gone)
 
@@ -305,13 +378,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def model_body(name: str) -> dict[str, Any]:
+def model_body(name: str, cache_delete_policy: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"model": "bench-org/tiny-llama", "revision": "main", "replicas": 1}
+    if cache_delete_policy:
+        spec["cache"] = {"deletePolicy": cache_delete_policy}
     return {
         "apiVersion": "vllm-operator.io/v1alpha1",
         "kind": "VLLMModel",
         "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {"model": "bench-org/tiny-llama", "revision": "main", "replicas": 1},
+        "spec": spec,
     }
+
+
+def cycle_model_body(name: str) -> dict[str, Any]:
+    """A model whose cache goes with it: the default ``Retain`` keeps every cycle's PVC in the cluster, and
+    the operator rightly keeps watching (and indexing) PVCs that exist, so memory would grow by design."""
+    return model_body(name, cache_delete_policy="Delete")
 
 
 # --- the code under test: the current checkout or a worktree of another commit ---------------------------
@@ -418,9 +500,10 @@ MODELS_URL = f"/apis/vllm-operator.io/v1alpha1/namespaces/{NAMESPACE}/vllmmodels
 DRIVER = {DRIVER_HEADER: "1"}
 
 
-async def _create(session: aiohttp.ClientSession, base: str, name: str) -> float:
+async def _create(session: aiohttp.ClientSession, base: str, name: str,
+                  body: Callable[[str], dict[str, Any]] = model_body) -> float:  # fmt: skip
     t0 = time.perf_counter()
-    async with session.post(base + MODELS_URL, json=model_body(name), headers=DRIVER) as resp:
+    async with session.post(base + MODELS_URL, json=body(name), headers=DRIVER) as resp:
         if resp.status >= 400:
             raise RuntimeError(f"creating {name}: HTTP {resp.status}: {(await resp.text())[:300]}")
     return t0
@@ -471,7 +554,8 @@ async def _latency(session: aiohttp.ClientSession, base: str, emu: TimedEmulator
 
 
 async def _create_all(session: aiohttp.ClientSession, base: str, emu: TimedEmulator, names: list[str],
-                      stage: str = "ready") -> tuple[list[float], dict[str, asyncio.Future[float]]]:  # fmt: skip
+                      stage: str = "ready", body: Callable[[str], dict[str, Any]] = model_body,
+                      ) -> tuple[list[float], dict[str, asyncio.Future[float]]]:  # fmt: skip
     """POST ``names`` with 50 in flight; the POST times and a future per model that resolves at ``stage``."""
     loop = asyncio.get_running_loop()
     futures: dict[str, asyncio.Future[float]] = {}
@@ -482,7 +566,7 @@ async def _create_all(session: aiohttp.ClientSession, base: str, emu: TimedEmula
 
     async def create(name: str) -> float:
         async with gate:
-            return await _create(session, base, name)
+            return await _create(session, base, name, body)
 
     return list(await asyncio.gather(*(create(n) for n in names))), futures
 
@@ -634,12 +718,13 @@ async def scenario_cycles(side: Side, opts: Options, workdir: Path) -> dict[str,
     async with _cluster_and_operator(side, opts, log_path) as (emu, op, session, base):
         await asyncio.sleep(1.0)
         samples: list[tuple[int, float]] = [(0, op.rss() / 2**20)]
+        store_samples: list[tuple[int, dict[str, int]]] = []
         snap0, cpu0, started = emu.api_snapshot(), op.cpu_seconds(), time.perf_counter()
         done = not_ready = purged = 0
         next_sample = sample_every
         while done < opts.cycles:
             names = [f"cyc-{done + i:05d}" for i in range(min(opts.cycle_batch, opts.cycles - done))]
-            _, futures = await _create_all(session, base, emu, names, opts.cycle_until)
+            _, futures = await _create_all(session, base, emu, names, opts.cycle_until, cycle_model_body)
             _, pending = await asyncio.wait(list(futures.values()), timeout=120.0)
             not_ready += len(pending)
             gate = asyncio.Semaphore(50)
@@ -657,6 +742,10 @@ async def scenario_cycles(side: Side, opts: Options, workdir: Path) -> dict[str,
             done += len(names)
             if done >= next_sample or done == opts.cycles:
                 samples.append((done, op.rss() / 2**20))
+                stats = emu.store_stats()
+                store_samples.append((done, stats))
+                print(f"cycles {done}: {done / (time.perf_counter() - started):.1f}/s so far, operator RSS "
+                      f"{samples[-1][1]:.1f} MB, emulator {stats}", file=sys.stderr, flush=True)  # fmt: skip
                 while next_sample <= done:
                     next_sample += sample_every
             if op.proc.poll() is not None:
@@ -671,6 +760,7 @@ async def scenario_cycles(side: Side, opts: Options, workdir: Path) -> dict[str,
         "cycles": opts.cycles,
         "batch": opts.cycle_batch,
         "until": opts.cycle_until,
+        "cache_delete_policy": cycle_model_body("-")["spec"]["cache"]["deletePolicy"],
         "seconds": seconds,
         "cycles_per_s": opts.cycles / seconds if seconds else float("nan"),
         "not_ready": not_ready,
@@ -683,6 +773,7 @@ async def scenario_cycles(side: Side, opts: Options, workdir: Path) -> dict[str,
         "slope_fitted_from_cycle": fitted[0][0],
         "operator_cpu_ms_per_cycle": 1000 * cpu / max(1, opts.cycles),
         "emulator_objects_purged": purged,
+        "emulator_store_samples": store_samples,
         "api": api,
         "log": str(log_path),
     }

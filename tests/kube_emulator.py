@@ -366,12 +366,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def _collect_garbage(self, uids: set[Any]) -> None:
         while uids:
-            dependents = [
-                (res, ns, name)
-                for (res, ns, name), obj in list(self.objects.items())
-                if not obj.deleted
-                and any(ref.get("uid") in uids for ref in obj.get("metadata", {}).get("ownerReferences") or [])
-            ]
+            dependents = self._dependents_of(uids)
             uids = set()
             for res, ns, name in dependents:
                 uid = await self._drop(res, ns, name)
@@ -383,7 +378,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _react(self, resource: kmock.resource, obj: dict[str, Any], before: dict[str, Any] | None) -> None:
         reaction = None
         owners = {ref.get("uid") for ref in obj["metadata"].get("ownerReferences") or []}
-        if before is None and owners and not owners & self._live_uids():
+        if before is None and owners and not self._any_alive(owners):
             # Created for an owner that is already gone (a reconcile racing the owner's deletion).
             meta = obj["metadata"]
             reaction = self.remove(resource, meta["namespace"], meta["name"])
@@ -401,8 +396,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _live_uids(self) -> set[Any]:
-        return {obj.get("metadata", {}).get("uid") for obj in self.objects.values() if not obj.deleted}
+    def _dependents_of(self, uids: set[Any]) -> list[tuple[Any, Any, Any]]:
+        """The live objects with an ownerReference to one of ``uids``."""
+        return [
+            (res, ns, name)
+            for (res, ns, name), obj in list(self.objects.items())
+            if not obj.deleted
+            and any(ref.get("uid") in uids for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+        ]
+
+    def _any_alive(self, uids: set[Any]) -> bool:
+        """Whether a live object has one of ``uids``."""
+        return any(obj.get("metadata", {}).get("uid") in uids for obj in self.objects.values() if not obj.deleted)
 
     async def _run_job(self, job: dict[str, Any]) -> None:
         await asyncio.sleep(0.05)
