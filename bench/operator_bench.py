@@ -715,7 +715,7 @@ def _api_between(a: tuple[dict[str, int], dict[str, int], int],
 async def scenario_cycles(side: Side, opts: Options, workdir: Path) -> dict[str, Any]:
     log_path = workdir / f"operator-{side.label}-cycles.log"
     sample_every = max(opts.cycle_batch, opts.cycles // 10)  # samples fall on batch boundaries
-    async with _cluster_and_operator(side, opts, log_path) as (emu, op, session, base):
+    async with _cluster_and_operator(side, opts, log_path, opts.tracemalloc) as (emu, op, session, base):
         await asyncio.sleep(1.0)
         samples: list[tuple[int, float]] = [(0, op.rss() / 2**20)]
         store_samples: list[tuple[int, dict[str, int]]] = []
@@ -744,6 +744,8 @@ async def scenario_cycles(side: Side, opts: Options, workdir: Path) -> dict[str,
                 samples.append((done, op.rss() / 2**20))
                 stats = emu.store_stats()
                 store_samples.append((done, stats))
+                if opts.tracemalloc:  # a snapshot at every sample (operator_child.py)
+                    op.proc.send_signal(signal.SIGUSR1)
                 print(f"cycles {done}: {done / (time.perf_counter() - started):.1f}/s so far, operator RSS "
                       f"{samples[-1][1]:.1f} MB, emulator {stats}", file=sys.stderr, flush=True)  # fmt: skip
                 while next_sample <= done:

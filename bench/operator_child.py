@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import signal
 
@@ -38,8 +39,13 @@ def main() -> int:
 
         tracemalloc.start(1)
 
+        dumps = itertools.count(1)
+
         def dump(*_: object) -> None:
-            stats = tracemalloc.take_snapshot().statistics("filename")
+            snapshot = tracemalloc.take_snapshot()
+            # each dump also keeps the whole snapshot: two of them compared (Snapshot.compare_to) show growth
+            snapshot.dump(f"{args.tracemalloc}.{next(dumps)}.snapshot")
+            stats = snapshot.statistics("filename")
             with open(args.tracemalloc, "w") as out:
                 for stat in stats[:30]:
                     out.write(f"{stat.size / 2**20:8.1f} MiB {stat.count:8d} blocks  {stat.traceback}\n")
