@@ -14,7 +14,10 @@ Generates a model of ``--size`` (default 2 GiB, safetensors shards) and serves i
 3. **transfer rate**: one cache filling alone from the sibling (download + sha256 of every byte + rename),
    against ``cp`` of the same blob files on the same disk, and against ``cp`` followed by ``openssl dgst -sha256``
    of the copies (the least a verified copy costs); each measured ``--rounds`` times, alternating which goes
-   first; the source blobs are in the page cache for all.
+   first; the source blobs are in the page cache for all. Two readings of each: into the page cache (the
+   fill's download time; ``cp`` alone), and onto the disk (the fill's download plus its fsync of the new files
+   before the manifest, ``syncSeconds``; ``cp`` then ``sync`` of the copies and their folder). Dirty pages are
+   flushed (``sync``, untimed) before each measurement so none is charged for another's writeback.
 
 The Hub's file bytes are read from its own request log (every byte it sent, per request), not from the
 clients. Nothing is a fixed sleep: each step waits for its processes.
@@ -118,14 +121,21 @@ def _blob_files(cache: Path) -> list[Path]:
     return sorted(p for p in (cache / "hub" / f"models--{REPO.replace('/', '--')}" / "blobs").iterdir())
 
 
-def _raw_copy(files: list[Path], dest: Path) -> float:
-    dest.mkdir(parents=True)
-    began = time.monotonic()
-    subprocess.run(["cp", *map(str, files), str(dest)], check=True)
+def _on_disk(dest: Path, began: float) -> float:
+    """``sync`` the copies and their folder (fsync of each, as the fill does); seconds since ``began``."""
+    subprocess.run(["sync", *map(str, sorted(dest.iterdir())), str(dest)], check=True)
     return time.monotonic() - began
 
 
-def _verified_copy(files: list[Path], dest: Path) -> float:
+def _raw_copy(files: list[Path], dest: Path) -> tuple[float, float]:
+    """Seconds until ``cp`` returns (page cache), and until the copies are on the disk."""
+    dest.mkdir(parents=True)
+    began = time.monotonic()
+    subprocess.run(["cp", *map(str, files), str(dest)], check=True)
+    return time.monotonic() - began, _on_disk(dest, began)
+
+
+def _verified_copy(files: list[Path], dest: Path) -> tuple[float, float]:
     """cp, then sha256 of the copies (openssl): the least a copy checked against known digests costs."""
     dest.mkdir(parents=True)
     began = time.monotonic()
@@ -133,7 +143,7 @@ def _verified_copy(files: list[Path], dest: Path) -> float:
     # openssl uses the CPU's SHA extensions like hashlib does; coreutils' sha256sum does not
     hasher = ["openssl", "dgst", "-sha256"] if shutil.which("openssl") else ["sha256sum"]
     subprocess.run([*hasher, *map(str, sorted(dest.iterdir()))], check=True, stdout=subprocess.DEVNULL)
-    return time.monotonic() - began
+    return time.monotonic() - began, _on_disk(dest, began)
 
 
 def _drop(*paths: Path) -> None:
@@ -215,6 +225,7 @@ def _run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                 order = ("sibling", "cp", "cp+sha256") if round_no % 2 == 0 else ("cp+sha256", "cp", "sibling")
                 row: dict[str, Any] = {"round": round_no, "first": order[0]}
                 for what in order:
+                    os.sync()  # the last step's writeback is not charged to this one
                     if what == "sibling":
                         wall, (alone,) = _fill([runs / "alone"], env, [sibling.url])
                         manifest = json.loads((runs / "alone" / "manifests" / f"models--{REPO.replace('/', '--')}"
@@ -223,17 +234,24 @@ def _run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                             "wall_seconds": round(wall, 3), "download_seconds": manifest["downloadSeconds"],
                             "MBps_download": round(model_bytes / manifest["downloadSeconds"] / 1e6, 1),
                             "MBps_wall": round(model_bytes / wall / 1e6, 1), "hubBytes": alone["hubBytes"],
+                            "sync_seconds": manifest["syncSeconds"],
+                            "MBps_on_disk": round(
+                                model_bytes / (manifest["downloadSeconds"] + manifest["syncSeconds"]) / 1e6, 1),
                         }
                         _drop(runs / "alone")
                     else:
                         copy = _raw_copy if what == "cp" else _verified_copy
-                        seconds = copy(blobs, runs / "cp")
-                        row[what] = {"seconds": round(seconds, 3), "MBps": round(model_bytes / seconds / 1e6, 1)}
+                        seconds, on_disk = copy(blobs, runs / "cp")
+                        row[what] = {"seconds": round(seconds, 3), "MBps": round(model_bytes / seconds / 1e6, 1),
+                                     "seconds_on_disk": round(on_disk, 3),
+                                     "MBps_on_disk": round(model_bytes / on_disk / 1e6, 1)}
                         _drop(runs / "cp")
                 row["ratio_download_vs_cp"] = round(row["sibling"]["MBps_download"] / row["cp"]["MBps"], 2)
                 row["ratio_wall_vs_cp"] = round(row["sibling"]["MBps_wall"] / row["cp"]["MBps"], 2)
                 row["ratio_download_vs_cp_sha256"] = round(
                     row["sibling"]["MBps_download"] / row["cp+sha256"]["MBps"], 2)
+                row["ratio_on_disk_vs_cp_on_disk"] = round(
+                    row["sibling"]["MBps_on_disk"] / row["cp"]["MBps_on_disk"], 2)
                 print(f"transfer round {round_no}: {row}", flush=True)
                 rates.append(row)
         finally:

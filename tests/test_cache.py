@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,34 @@ def test_warm_reuse_makes_no_content_requests(
     assert pinned.ok and pinned.extra["reused"] is True
     assert devhub.log_snapshot() == []  # a commit needs no network at all
     assert manifest_path(cache, repo_id, commit).read_text() == manifest_before
+
+
+def test_new_files_are_on_the_disk_before_the_manifest_vouches_for_them(
+    devhub: DevHub, tiny_repo: tuple[str, str], hub_environ: dict[str, str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # A warm start checks only the manifest: written before the weights were flushed, a power loss could
+    # leave a node that restarts "warm" on truncated files.
+    repo_id, commit = tiny_repo
+    cache = tmp_path / "cache"
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    assert cache_in_process(cache, repo_id).ok
+    manifest = manifest_path(cache, repo_id, commit).resolve()
+    manifest_fsync = next(i for i, path in enumerate(synced) if path.name.startswith(f".{manifest.name}."))
+    before = set(synced[:manifest_fsync])
+    snapshot = CacheLayout(cache).snapshot_dir(repo_id, commit).resolve()
+    blobs = {link.resolve() for link in snapshot.iterdir()}
+    assert len(blobs) == len(EXPECTED_FILES)
+    assert blobs <= before, f"not flushed before the manifest: {sorted(p.name for p in blobs - before)}"
+    assert {snapshot, snapshot.parent, next(iter(blobs)).parent} <= before  # the names, not only the bytes
+    assert read_manifest(cache, repo_id, commit)["syncSeconds"] >= 0  # type: ignore[index]
 
 
 def test_branch_tag_and_commit_resolve_to_their_commits(

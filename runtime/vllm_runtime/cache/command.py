@@ -10,7 +10,8 @@ The steps, each safe to interrupt with ``kill -9``:
    missing with the free space, fetch with huggingface_hub's ``hf_hub_download`` (its cache layout,
    atomic blob writes and per-file locks), several files at once; each file is sha256-verified as soon
    as it lands (``verify``). A file failing verification is deleted and fetched again, once.
-5. Write the manifest atomically, then ``refs/<revision>``; report the summary.
+5. fsync the new files and their folders (``manifest.make_durable``), write the manifest atomically, then
+   ``refs/<revision>``; report the summary.
 
 Transient failures (Hub 5xx/429, dropped connections, stalls) are retried with exponential backoff
 (honouring Retry-After); what is still failing becomes a summary with a reason and exit code 4
@@ -49,6 +50,7 @@ from vllm_runtime.cache.errors import CacheError, classify, is_retryable_transfe
 from vllm_runtime.cache.manifest import (
     FORMAT_VERSION,
     atomic_write_json,
+    make_durable,
     read_manifest,
     snapshot_matches,
 )
@@ -509,6 +511,16 @@ def _download_commit(
     download_seconds = time.monotonic() - download_began
     downloaded = sum(f.size for f in selection.files if f.blob_name not in present_before)
     log.info("progress: %s", monitor.line())
+    sync_began = time.monotonic()
+    snapshot = layout.snapshot_dir(repo_id, commit)
+    make_durable(
+        [blobs_dir / f.blob_name for f in selection.files if f.blob_name not in present_before],
+        # the links' folders deepest first, then the folders holding snapshots/<commit> and blobs/
+        [*sorted({(snapshot / f.path).parent for f in selection.files}, key=lambda d: -len(d.parts)),
+         blobs_dir, snapshot.parent, blobs_dir.parent],
+        workers=opts.max_workers,
+    )  # fmt: skip
+    sync_seconds = time.monotonic() - sync_began
 
     manifest: dict[str, Any] = {
         "formatVersion": FORMAT_VERSION,
@@ -528,16 +540,17 @@ def _download_commit(
         "durationSeconds": round(time.monotonic() - began, 3),
         "downloadSeconds": round(download_seconds, 3),
         "verificationSeconds": round(fetcher.verification_seconds, 3),
+        "syncSeconds": round(sync_seconds, 3),
         "sources": fetcher.sources.summary_fields(),
     }
     atomic_write_json(layout.manifest_path(repo_id, commit), manifest)
     journal.remove()
     rate = downloaded / download_seconds if download_seconds > 0 else 0.0
     log.info(
-        "cached %s@%s: %d files, %s (%s downloaded in %.1f s, %s/s), verified in %.2f s",
+        "cached %s@%s: %d files, %s (%s downloaded in %.1f s, %s/s), verified in %.2f s, on the disk %.2f s later",
         repo_id, commit, manifest["fileCount"], units.human_bytes(manifest["bytes"]),
         units.human_bytes(downloaded), download_seconds, units.human_bytes(rate),
-        fetcher.verification_seconds,
+        fetcher.verification_seconds, sync_seconds,
     )
     return manifest, downloaded
 
