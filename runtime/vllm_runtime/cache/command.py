@@ -50,6 +50,7 @@ from vllm_runtime.cache.errors import CacheError, classify, is_retryable_transfe
 from vllm_runtime.cache.manifest import (
     FORMAT_VERSION,
     atomic_write_json,
+    fsync_path,
     make_durable,
     read_manifest,
     snapshot_matches,
@@ -232,6 +233,11 @@ class _Fetcher:
         return True
 
     def fetch(self, hub_file: HubFile) -> None:
+        self._fetch(hub_file)
+        # On the disk now, while other files still download: the flush before the manifest finds little left.
+        fsync_path(self.layout.repo_dir(self.repo_id) / "blobs" / hub_file.blob_name)
+
+    def _fetch(self, hub_file: HubFile) -> None:
         if self._from_sibling(hub_file):
             return
         new = not (self.layout.repo_dir(self.repo_id) / "blobs" / hub_file.blob_name).exists()
@@ -514,7 +520,7 @@ def _download_commit(
     sync_began = time.monotonic()
     snapshot = layout.snapshot_dir(repo_id, commit)
     make_durable(
-        [blobs_dir / f.blob_name for f in selection.files if f.blob_name not in present_before],
+        [blobs_dir / f.blob_name for f in selection.files],  # already flushed as fetched: files an earlier run left
         # the links' folders deepest first, then the folders holding snapshots/<commit> and blobs/
         [*sorted({(snapshot / f.path).parent for f in selection.files}, key=lambda d: -len(d.parts)),
          blobs_dir, snapshot.parent, blobs_dir.parent],

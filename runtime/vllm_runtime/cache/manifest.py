@@ -50,7 +50,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
         os.close(dir_fd)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -63,12 +63,13 @@ def make_durable(files: Iterable[Path], dirs: Iterable[Path], *, workers: int = 
 
     The manifest is the proof a commit is cached, and a warm start checks only metadata: were it on the disk
     before the bytes it vouches for, a node that loses power could restart warm on truncated or zeroed
-    weights. The files are flushed in parallel, as the kernel writes them back from several queues anyway.
+    weights. The files are flushed in parallel; the cache also flushes each file as soon as it is verified
+    (``fsync_path``), while others still download, so little is left to wait for here.
     """
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fsync") as pool:
-        list(pool.map(_fsync_path, files))
+        list(pool.map(fsync_path, files))
     for directory in dict.fromkeys(dirs):  # each once, in the order given
-        _fsync_path(directory)
+        fsync_path(directory)
 
 
 def read_manifest(cache_dir: str | Path, repo_id: str, commit: str) -> dict[str, Any] | None:
