@@ -75,47 +75,73 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stressors", type=int, default=os.cpu_count() or 2, help="stress-ng CPU workers")
     parser.add_argument("--marker", default="kmock", help="pytest -m expression (default kmock)")
     parser.add_argument("--workdir", type=Path, help="JUnit reports and logs (default: temporary)")
-    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    parser.add_argument("--out", type=Path, help="write the JSON report here (again after every run)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="run nothing: report the runs already in --workdir (an interrupted series)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.summarize and args.workdir is None:
+        parser.error("--summarize needs --workdir")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kmock-load-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    passed: Counter[str] = Counter()
-    failed: dict[str, list[int]] = defaultdict(list)
-    slowest: dict[str, float] = {}
     runs: list[dict[str, Any]] = []
-    with stressed(args.stressors):
-        for index in range(1, args.runs + 1):
-            code, seconds, cases = run_once(index, workdir, args.marker)
-            load1 = os.getloadavg()[0]
-            for test_id, (outcome, took) in cases.items():
-                slowest[test_id] = max(slowest.get(test_id, 0.0), took)
-                if outcome == "passed":
-                    passed[test_id] += 1
-                elif outcome != "skipped":
-                    failed[test_id].append(index)
-            bad = sum(1 for outcome, _ in cases.values() if outcome in ("failed", "error"))
-            runs.append({"run": index, "exit": code, "seconds": round(seconds, 1), "tests": len(cases),
-                         "failed": bad, "load1_after": round(load1, 2)})  # fmt: skip
-            print(f"run {index}/{args.runs}: exit {code}, {len(cases)} tests, {bad} failed, {seconds:.0f} s, "
-                  f"load {load1:.1f}", flush=True)  # fmt: skip
-    tests = sorted(set(passed) | set(failed))
-    report = {
-        "command": "python bench/kmock_under_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": facts(workdir),
-        "versions": versions(),
-        "stressors": args.stressors,
-        "runs": runs,
-        "tests": len(tests),
-        "all_passed_every_run": all(passed[t] == args.runs for t in tests) and bool(tests),
-        "failures": {t: failed[t] for t in tests if failed[t]},
-        "slowest_seconds": dict(sorted(slowest.items(), key=lambda kv: -kv[1])[:10]),
-        "workdir": str(workdir),
-    }
+    results: list[dict[str, tuple[str, float]]] = []
+    command = "python bench/kmock_under_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.summarize:
+        for junit in sorted(workdir.glob("run-*.xml")):
+            cases = outcomes(junit)
+            results.append(cases)
+            runs.append(_run_row(len(runs) + 1, None, None, cases, None))
+        report = _report(command, args.stressors, workdir, runs, results)
+    else:
+        with stressed(args.stressors):
+            for index in range(1, args.runs + 1):
+                code, seconds, cases = run_once(index, workdir, args.marker)
+                results.append(cases)
+                runs.append(_run_row(index, code, seconds, cases, os.getloadavg()[0]))
+                print(f"run {index}/{args.runs}: {runs[-1]}", flush=True)
+                report = _report(command, args.stressors, workdir, runs, results)
+                if args.out:
+                    args.out.write_text(json.dumps(report, indent=1) + "\n")
     text = json.dumps(report, indent=1) + "\n"
     if args.out:
         args.out.write_text(text)
     print(text)
-    return 0 if report["all_passed_every_run"] and all(r["exit"] == 0 for r in runs) else 1
+    return 0 if report["all_passed_every_run"] and all(r["exit"] in (0, None) for r in runs) else 1
+
+
+def _run_row(index: int, code: int | None, seconds: float | None, cases: dict[str, tuple[str, float]],
+             load1: float | None) -> dict[str, Any]:  # fmt: skip
+    bad = sum(1 for outcome, _ in cases.values() if outcome in ("failed", "error"))
+    return {"run": index, "exit": code, "seconds": None if seconds is None else round(seconds, 1),
+            "tests": len(cases), "failed": bad, "test_seconds": round(sum(t for _, t in cases.values()), 1),
+            "load1_after": None if load1 is None else round(load1, 2)}  # fmt: skip
+
+
+def _report(command: str, stressors: int, workdir: Path, runs: list[dict[str, Any]],
+            results: list[dict[str, tuple[str, float]]]) -> dict[str, Any]:  # fmt: skip
+    passed: Counter[str] = Counter()
+    failed: dict[str, list[int]] = defaultdict(list)
+    slowest: dict[str, float] = {}
+    for index, cases in enumerate(results, start=1):
+        for test_id, (outcome, took) in cases.items():
+            slowest[test_id] = max(slowest.get(test_id, 0.0), took)
+            if outcome == "passed":
+                passed[test_id] += 1
+            elif outcome != "skipped":
+                failed[test_id].append(index)
+    tests = sorted(set(passed) | set(failed))
+    return {
+        "command": command,
+        "machine": facts(workdir),
+        "versions": versions(),
+        "stressors": stressors,
+        "runs": runs,
+        "tests": len(tests),
+        "all_passed_every_run": bool(tests) and all(passed[t] == len(results) for t in tests),
+        "failures": {t: failed[t] for t in tests if failed[t]},
+        "slowest_seconds": dict(sorted(slowest.items(), key=lambda kv: -kv[1])[:10]),
+        "workdir": str(workdir),
+    }
 
 
 if __name__ == "__main__":

@@ -235,7 +235,8 @@ class _Fetcher:
     def fetch(self, hub_file: HubFile) -> None:
         self._fetch(hub_file)
         # On the disk now, while other files still download: the flush before the manifest finds little left.
-        fsync_path(self.layout.repo_dir(self.repo_id) / "blobs" / hub_file.blob_name)
+        # (Through the snapshot's link: the blob it names, whatever the blob is called.)
+        fsync_path(self.layout.snapshot_dir(self.repo_id, self.commit) / hub_file.path)
 
     def _fetch(self, hub_file: HubFile) -> None:
         if self._from_sibling(hub_file):
@@ -520,7 +521,7 @@ def _download_commit(
     sync_began = time.monotonic()
     snapshot = layout.snapshot_dir(repo_id, commit)
     make_durable(
-        [blobs_dir / f.blob_name for f in selection.files],  # already flushed as fetched: files an earlier run left
+        [snapshot / f.path for f in selection.files],  # flushed as fetched already, but not what an earlier run left
         # the links' folders deepest first, then the folders holding snapshots/<commit> and blobs/
         [*sorted({(snapshot / f.path).parent for f in selection.files}, key=lambda d: -len(d.parts)),
          blobs_dir, snapshot.parent, blobs_dir.parent],
