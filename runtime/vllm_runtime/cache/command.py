@@ -10,7 +10,7 @@ The steps, each safe to interrupt with ``kill -9``:
    missing with the free space, fetch with huggingface_hub's ``hf_hub_download`` (its cache layout,
    atomic blob writes and per-file locks), several files at once; each file is sha256-verified as soon
    as it lands (``verify``). A file failing verification is deleted and fetched again, once.
-5. fsync the new files and their folders (``manifest.make_durable``), write the manifest atomically, then
+5. fsync the files and their folders (``durable.make_durable``), write the manifest atomically, then
    ``refs/<revision>``; report the summary.
 
 Transient failures (Hub 5xx/429, dropped connections, stalls) are retried with exponential backoff
@@ -46,12 +46,11 @@ from huggingface_hub.utils.tqdm import disable_progress_bars
 from vllm_runtime import summary, units
 from vllm_runtime.cache import progress
 from vllm_runtime.cache import errors
+from vllm_runtime.cache.durable import fsync_path, make_durable
 from vllm_runtime.cache.errors import CacheError, classify, is_retryable_transfer_error
 from vllm_runtime.cache.manifest import (
     FORMAT_VERSION,
     atomic_write_json,
-    fsync_path,
-    make_durable,
     read_manifest,
     snapshot_matches,
 )

@@ -11,7 +11,7 @@
      "downloadSeconds": 2.9, "verificationSeconds": 0.4}
 
 ``bytes``/``fileCount`` cover the cached files; ``downloadedBytes`` what this run fetched; ``syncSeconds``
-how long the new files took to reach the disk (``make_durable``) before the manifest was written.
+how long the files took to reach the disk (``durable.make_durable``) before the manifest was written.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,28 +46,6 @@ def atomic_write_json(path: Path, data: Any) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_durable(files: Iterable[Path], dirs: Iterable[Path], *, workers: int = 8) -> None:
-    """fsync ``files`` (their data) and then ``dirs`` (the names that point at them).
-
-    The manifest is the proof a commit is cached, and a warm start checks only metadata: were it on the disk
-    before the bytes it vouches for, a node that loses power could restart warm on truncated or zeroed
-    weights. The files are flushed in parallel; the cache also flushes each file as soon as it is verified
-    (``fsync_path``), while others still download, so little is left to wait for here.
-    """
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fsync") as pool:
-        list(pool.map(fsync_path, files))
-    for directory in dict.fromkeys(dirs):  # each once, in the order given
-        fsync_path(directory)
 
 
 def read_manifest(cache_dir: str | Path, repo_id: str, commit: str) -> dict[str, Any] | None:

@@ -34,6 +34,7 @@ from urllib.parse import quote, urlsplit
 from prometheus_client import Gauge
 
 from vllm_runtime.cache import progress
+from vllm_runtime.cache.durable import Writeback
 from vllm_runtime.cache.selection import HubFile
 
 log = logging.getLogger("vllm_runtime.cache")
@@ -218,6 +219,7 @@ class SiblingPool:
             hasher = _Hasher(hub_file)
             body = response.fp  # a length-delimited body (Content-Length checked): read it straight from the buffer
             with open(tmp, "xb", buffering=0) as out:
+                writeback = Writeback(out.fileno())
                 try:
                     while received < hub_file.size:
                         view = hasher.buffer()
@@ -228,6 +230,7 @@ class SiblingPool:
                         out.write(view[:n])
                         hasher.feed(n)
                         received += n
+                        writeback.landed(received)
                 except (OSError, http.client.HTTPException) as error:
                     kind = "stalled" if isinstance(error, socket.timeout | TimeoutError) else "dropped"
                     raise SiblingMiss(f"transfer {kind} after {received} of {hub_file.size} bytes "

@@ -31,6 +31,7 @@ from typing import Any
 
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
+from vllm_runtime.cache.durable import Writeback
 from vllm_runtime.cache.manifest import atomic_write_json
 from vllm_runtime.cache.selection import HubFile
 
@@ -189,6 +190,7 @@ class StreamingDigest:
         with source:
             buf = bytearray(READ_SIZE)
             view = memoryview(buf)
+            writeback = Writeback(source.fileno())  # the bytes hashed have landed: start writing them out
             try:
                 while not self._void:
                     over = self._done.is_set()  # before reading: then this read sees the last byte
@@ -198,6 +200,7 @@ class StreamingDigest:
                         if self._git is not None:
                             self._git.update(view[:n])
                         self._hashed += n
+                        writeback.landed(self._hashed)
                     elif over:
                         return  # the download is over and every byte of the file is hashed
                     else:
