@@ -255,6 +255,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def set_deployment_ready(self, namespace: str, name: str, ready: int) -> None:
         await self.put(DEPLOYMENTS, namespace, name, {"status": {"readyReplicas": ready, "availableReplicas": ready}})
 
+    def watched(self, resource: kmock.resource) -> bool:
+        """Whether a watch stream on ``resource`` is live (subscribed to its events, not only requested)."""
+        return resource in self._buses and self._buses[resource].consumer_count > 0
+
     def drop_watches(self, resource: kmock.resource) -> int:
         """Close every live watch connection on ``resource``; the number closed."""
         closed = 0

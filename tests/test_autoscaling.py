@@ -462,7 +462,9 @@ async def test_an_api_installed_later_is_used_once_it_appears(hub: DevHub, monke
         await eventually(lambda: emu.read(SCALEDOBJECTS, ns, "m") is not None, "ScaledObject once KEDA is there")
         await eventually(lambda: condition(cluster.status(ns, "m"), "AutoscalerReady")["status"] == "True",
                          "AutoscalerReady")  # fmt: skip
-        # kopf re-scanned on the CRD's event: the new kind is watched (a deleted ScaledObject comes back).
+        # kopf re-scans on the CRD's event and watches the new kind (a deleted ScaledObject comes back). The
+        # ScaledObject is applied by the API re-check, which can come first: delete only once the watch is live.
+        await eventually(lambda: emu.watched(SCALEDOBJECTS), "a watch on ScaledObjects")
         await emu.remove(SCALEDOBJECTS, ns, "m")
         await eventually(lambda: emu.read(SCALEDOBJECTS, ns, "m") is not None, "ScaledObject re-created")
         assert condition(cluster.status(ns, "m"), "RoutingReady")["reason"] == API_NOT_INSTALLED
