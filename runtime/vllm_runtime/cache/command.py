@@ -10,8 +10,8 @@ The steps, each safe to interrupt with ``kill -9``:
    missing with the free space, fetch with huggingface_hub's ``hf_hub_download`` (its cache layout,
    atomic blob writes and per-file locks), several files at once; each file is sha256-verified as soon
    as it lands (``verify``). A file failing verification is deleted and fetched again, once.
-5. fsync the files and their folders (``durable.make_durable``), write the manifest atomically, then
-   ``refs/<revision>``; report the summary.
+5. fsync the folders naming the files (each file was fsynced once verified; ``durable``), write the
+   manifest atomically, then ``refs/<revision>``; report the summary.
 
 Transient failures (Hub 5xx/429, dropped connections, stalls) are retried with exponential backoff
 (honouring Retry-After); what is still failing becomes a summary with a reason and exit code 4
@@ -519,13 +519,10 @@ def _download_commit(
     log.info("progress: %s", monitor.line())
     sync_began = time.monotonic()
     snapshot = layout.snapshot_dir(repo_id, commit)
-    make_durable(
-        [snapshot / f.path for f in selection.files],  # flushed as fetched already, but not what an earlier run left
-        # the links' folders deepest first, then the folders holding snapshots/<commit> and blobs/
-        [*sorted({(snapshot / f.path).parent for f in selection.files}, key=lambda d: -len(d.parts)),
-         blobs_dir, snapshot.parent, blobs_dir.parent],
-        workers=opts.max_workers,
-    )  # fmt: skip
+    # Every selected file went through fetcher.fetch, which fsynced it; now the names: the links' folders
+    # deepest first, then the folders holding snapshots/<commit> and blobs/.
+    make_durable([*sorted({(snapshot / f.path).parent for f in selection.files}, key=lambda d: -len(d.parts)),
+                  blobs_dir, snapshot.parent, blobs_dir.parent])  # fmt: skip
     sync_seconds = time.monotonic() - sync_began
 
     manifest: dict[str, Any] = {

@@ -14,13 +14,9 @@ fsync finds little left. Where the call is missing (not Linux, no glibc), only t
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, do not wait
 WRITEBACK_BYTES = 16 * 1024 * 1024  # ask once per this many bytes landed
@@ -70,9 +66,7 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def make_durable(files: Iterable[Path], dirs: Iterable[Path], *, workers: int = 8) -> None:
-    """fsync ``files`` (their data, in parallel) and then ``dirs`` (the names that point at them), in order."""
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fsync") as pool:
-        list(pool.map(fsync_path, files))
+def make_durable(dirs: Iterable[Path]) -> None:
+    """fsync ``dirs``, the folders naming the cached files (each file is fsynced once fetched), in order."""
     for directory in dict.fromkeys(dirs):  # each once, in the order given
         fsync_path(directory)

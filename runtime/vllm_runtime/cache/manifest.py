@@ -11,7 +11,7 @@
      "downloadSeconds": 2.9, "verificationSeconds": 0.4}
 
 ``bytes``/``fileCount`` cover the cached files; ``downloadedBytes`` what this run fetched; ``syncSeconds``
-how long the files took to reach the disk (``durable.make_durable``) before the manifest was written.
+the final flush (``durable.make_durable``; each file was fsynced as it was fetched) before the manifest.
 """
 
 from __future__ import annotations
